@@ -1,0 +1,1 @@
+"""Benchmarks for thetascope; run them all with ``make bench`` (``python -m benchmarks``)."""

@@ -1,0 +1,1 @@
+"""thetascope.capture."""
