@@ -1,4 +1,4 @@
-# Every target that needs Python creates .venv first; a fresh machine needs nothing but python3.
+# Every target that needs Python creates its venv first; a fresh machine needs nothing but python3.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,17 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on disk on our machines; a range would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test demo lint bench clean
+# timm needs torchvision, and PyPI's torchvision does not load beside the CPU torch wheel, so the timm tests
+# run in a second venv with a matching torch/torchvision pair (both on disk on our machines).
+TIMM_VENV := .venv-timm
+TIMM_STAMP := $(TIMM_VENV)/.installed
+ifeq ($(shell uname -m),aarch64)
+TIMM_TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TIMM_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: venv test test-main test-timm demo lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,10 +25,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+$(TIMM_STAMP): pyproject.toml
+	test -x $(TIMM_VENV)/bin/python || $(PY) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TIMM_VENV)/bin/python -m pip install --quiet $(TIMM_TORCH_SPEC)
+	$(TIMM_VENV)/bin/python -m pip install --quiet -e ".[timm]" pytest pytest-timeout hypothesis
+	touch $(TIMM_STAMP)
+
 venv: $(STAMP)
 
-test: $(STAMP)
+# SKIP_TIMM=1 runs only the main suite (no second venv).
+test: test-main
+ifndef SKIP_TIMM
+test: test-timm
+endif
+
+test-main: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-timm: $(TIMM_STAMP)
+	$(TIMM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/capture/test_timm.py
 
 demo: $(STAMP)
 	$(BIN)/thetascope demo
@@ -32,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TIMM_VENV) build dist src/*.egg-info runs .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,16 @@ _LAZY = {
     "balanced_mass_factor": "thetascope.functional",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "AttentionProbe",
+    "AttentionSensitivityMonitor",
+    "GradientFlowMonitor",
+    "TemperatureSchedule",
+    "TemperatureWarmup",
+    "ThetaBounds",
+    "__version__",
+    "balanced_mass_factor",
+]
 
 if TYPE_CHECKING:
     from thetascope.callbacks import AttentionSensitivityMonitor, GradientFlowMonitor, TemperatureWarmup

@@ -1,0 +1,414 @@
+"""Attention adapters: how the probe finds an attention module, reads its weights and observes its kernel.
+
+An adapter wraps one attention module. It says whether it :meth:`~AttentionAdapter.matches` a module, gives
+the
+head counts and :class:`~thetascope.capture.records.ProjectionWeights`, and names the *route* by which its
+attention kernel is observed while the module's forward runs (through a ``TorchFunctionMode`` that is active
+only inside ``probe.capture()`` or while a temperature != 1 is set):
+
+* ``"sdpa"``: ``F.scaled_dot_product_attention`` (nanoGPT, HF ``sdpa``, timm fused attention);
+* ``"softmax"``: the first softmax over the last dim of a 4-D ``[B, H, Lq, Lk]`` tensor in the module (HF
+  ``eager``, hand-written attention) — its input is the scaled and masked logits;
+* ``"mha"``: ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``; the adapter overrides ``handle``).
+
+The base class implements :meth:`~AttentionAdapter.handle` for the ``"sdpa"`` and ``"softmax"`` routes: it
+computes the logits of the sampled query rows, hands them to the probe (``ctx.record_logits``) and runs the
+kernel with the temperature applied. A custom model usually needs only ``matches``, ``__init__`` and
+``projection_weights``.
+
+Example (a custom module; the decorator registers it for every probe created afterwards):
+    >>> import torch
+    >>> from torch import nn
+    >>> import torch.nn.functional as F
+    >>> from thetascope.capture.adapters import AttentionAdapter, register_adapter
+    >>> from thetascope.capture.records import ProjectionWeights
+    >>> class MyAttention(nn.Module):
+    ...     def __init__(self, d: int = 16, h: int = 2) -> None:
+    ...         super().__init__()
+    ...         self.h, self.qkv, self.out = h, nn.Linear(d, 3 * d), nn.Linear(d, d)
+    ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+    ...         b, n, d = x.shape
+    ...         q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+    ...         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ...         return self.out(y.transpose(1, 2).reshape(b, n, d))
+    >>> @register_adapter
+    ... class MyAttentionAdapter(AttentionAdapter):
+    ...     kind, route = "my_attention", "sdpa"
+    ...     @classmethod
+    ...     def matches(cls, module: nn.Module) -> bool:
+    ...         return isinstance(module, MyAttention)
+    ...     def __init__(self, module: nn.Module, name: str) -> None:
+    ...         super().__init__(module, name)
+    ...         d = module.out.in_features
+    ...         self.n_heads = self.n_kv_heads = module.h
+    ...         self.head_dim = d // module.h
+    ...     def projection_weights(self) -> ProjectionWeights:
+    ...         wq, wk, wv = self.module.qkv.weight.detach().split(self.n_heads * self.head_dim, dim=0)
+    ...         return ProjectionWeights(wq, wk, wv, self.module.out.weight.detach(),
+    ...                                  self.n_heads, self.n_kv_heads, self.head_dim)
+    >>> from thetascope.capture import AttentionProbe
+    >>> model = nn.Sequential(MyAttention(), MyAttention())
+    >>> probe = AttentionProbe(model, rows_per_head=4)
+    >>> with probe.capture():
+    ...     _ = model(torch.randn(2, 6, 16))
+    >>> [r.kind for r in probe.layers], tuple(probe.layers[0].theta.upper.shape)
+    (['my_attention', 'my_attention'], (2, 2, 4))
+    >>> unregister_adapter(MyAttentionAdapter)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from thetascope.capture.records import LayerRecord, ProjectionWeights
+
+__all__ = [
+    "SOFTMAX_FUNCS",
+    "AttentionAdapter",
+    "CallContext",
+    "DualRouteAdapter",
+    "adapter_for",
+    "register_adapter",
+    "registered_adapters",
+    "sdpa_sampled_logits",
+    "unregister_adapter",
+]
+
+_REGISTRY: list[type[AttentionAdapter]] = []
+
+# The softmax entry points a TorchFunctionMode can see (F.softmax is observed before it calls Tensor.softmax;
+# calls made inside a handler are not observed again).
+SOFTMAX_FUNCS: frozenset[Callable[..., Any]] = frozenset(
+    {F.softmax, torch.softmax, Tensor.softmax, torch.special.softmax, torch._softmax}
+)
+
+
+class CallContext(Protocol):
+    """What the probe hands an adapter while that adapter's module runs its forward.
+
+    Attributes:
+        layer: the :class:`~thetascope.capture.records.LayerRecord` of the running module.
+        inv_tau: 0-dim tensor ``1/tau`` on the kernel's device (exactly 1.0 when tau == 1).
+        apply_temperature: False when tau == 1 (the kernel must then run unchanged, bitwise).
+        recording: True inside ``probe.capture()``: the adapter should call :meth:`record_logits`.
+    """
+
+    layer: LayerRecord
+    recording: bool
+
+    @property
+    def inv_tau(self) -> Tensor:
+        """``1/tau`` as a 0-dim float32 tensor on the model's device."""
+        ...
+
+    @property
+    def apply_temperature(self) -> bool:
+        """Whether tau != 1."""
+        ...
+
+    def inv_tau_on(self, device: torch.device) -> Tensor:
+        """``inv_tau`` on ``device`` (one tensor per device, updated in place)."""
+        ...
+
+    def select(self, batch: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The sampled batch items ``[B']`` and heads ``[H']`` (respecting ``batch_size=`` and ``heads=``)."""
+        ...
+
+    def sample_rows(self, batch: int, heads: int, q_len: int, device: torch.device) -> Tensor:
+        """Sampled query positions ``[B', H', R]`` for the items/heads of :meth:`select` (sorted per row)."""
+        ...
+
+    def record_logits(self, logits: Tensor, query_positions: Tensor, *, valid: Tensor | None = None) -> None:
+        """Store the sampled rows' logits ``[B', H', R, Lk]`` (scaled, masked with -inf, times ``inv_tau``).
+
+        The probe computes probabilities, the theta bracket, entropy and the counts of fully masked /
+        non-finite rows. ``valid`` ``[B', H', R]`` (optional) marks rows to keep; others become NaN.
+        """
+        ...
+
+
+class AttentionAdapter:
+    """Base class of attention adapters (one subclass per kind of attention module).
+
+    Subclasses set the class variables ``kind`` (a short name), ``route`` (``"sdpa"``, ``"softmax"`` or
+    ``"mha"``) and optionally ``priority`` (higher wins when several adapters match), implement
+    :meth:`matches` and :meth:`projection_weights`, and set ``n_heads``, ``n_kv_heads``, ``head_dim`` in
+    ``__init__``. Override :meth:`attention_input` when the module's attention input (the ``U`` of Thm 5.1) is
+    not its first positional tensor argument or ``hidden_states``/``x``/``query`` keyword, and
+    :attr:`norm_placement` when the adapter knows it (``"pre"``, ``"post"`` or ``"none"``); otherwise the
+    probe
+    infers it from the order in which normalisation modules run inside the enclosing block.
+    """
+
+    kind: ClassVar[str] = "attention"
+    route: ClassVar[str] = "sdpa"
+    priority: ClassVar[int] = 0
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Whether this adapter handles ``module``."""
+        raise NotImplementedError
+
+    def projection_weights(self) -> ProjectionWeights:
+        """The Q/K/V/O matrices in Linear layout, detached, as the module uses them now."""
+        raise NotImplementedError
+
+    @property
+    def norm_placement(self) -> str | None:
+        """``"pre"``/``"post"``/``"none"`` when the adapter knows it; ``None`` lets the probe infer it."""
+        return None
+
+    def attention_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+        """The attention input ``U`` (``[..., L, d]``) from the module's forward arguments."""
+        for key in ("hidden_states", "x", "query"):
+            val = kwargs.get(key)
+            if isinstance(val, Tensor):
+                return val
+        for val in args:
+            if isinstance(val, Tensor):
+                return val
+        return None
+
+    def intercepts(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether ``func(*args, **kwargs)`` (seen while this module runs) is its attention kernel."""
+        if self.route == "sdpa":
+            return func is F.scaled_dot_product_attention
+        if self.route == "softmax":
+            return func in SOFTMAX_FUNCS and _softmax_is_attention(args, kwargs)
+        if self.route == "mha":
+            return func is F.multi_head_attention_forward
+        return False
+
+    def handle(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ctx: CallContext,
+    ) -> Any:
+        """Run the intercepted kernel: record sampled logits when ``ctx.recording``, apply the temperature."""
+        if func is F.scaled_dot_product_attention:
+            return _handle_sdpa(func, args, kwargs, ctx)
+        if func in SOFTMAX_FUNCS:
+            return _handle_softmax(func, args, kwargs, ctx)
+        raise NotImplementedError(
+            f"adapter {type(self).__name__} with route {self.route!r} must override handle"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, heads={getattr(self, 'n_heads', '?')})"
+
+
+class DualRouteAdapter(AttentionAdapter):
+    """An adapter whose module calls either ``F.scaled_dot_product_attention`` or a softmax over 4-D logits,
+    depending on configuration (HF ``attn_implementation``, nanoGPT's ``flash`` flag): it intercepts both."""
+
+    route: ClassVar[str] = "sdpa"
+
+    def intercepts(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        if func is F.scaled_dot_product_attention:
+            return True
+        return func in SOFTMAX_FUNCS and _softmax_is_attention(args, kwargs)
+
+
+def register_adapter(cls: type[AttentionAdapter]) -> type[AttentionAdapter]:
+    """Register an adapter class (usable as a decorator); probes created afterwards consider it.
+
+    Adapters are tried in descending ``priority``; among equal priorities the later registration wins, so a
+    user adapter registered after the built-in ones overrides them.
+
+    Example:
+        >>> from thetascope.capture.adapters import AttentionAdapter, register_adapter, unregister_adapter
+        >>> @register_adapter
+        ... class Never(AttentionAdapter):
+        ...     kind = "never"
+        ...     @classmethod
+        ...     def matches(cls, module): return False
+        >>> Never in registered_adapters()
+        True
+        >>> unregister_adapter(Never)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, AttentionAdapter)):
+        raise TypeError(f"register_adapter expects an AttentionAdapter subclass, got {cls!r}")
+    if cls.route not in ("sdpa", "softmax", "mha"):
+        raise ValueError(f"{cls.__name__}.route must be 'sdpa', 'softmax' or 'mha', got {cls.route!r}")
+    if cls in _REGISTRY:
+        _REGISTRY.remove(cls)
+    _REGISTRY.append(cls)
+    return cls
+
+
+def unregister_adapter(cls: type[AttentionAdapter]) -> None:
+    """Remove a registered adapter class (no error when it is not registered)."""
+    if cls in _REGISTRY:
+        _REGISTRY.remove(cls)
+
+
+def registered_adapters() -> list[type[AttentionAdapter]]:
+    """Registered adapter classes in the order they are tried (highest priority, latest registration
+    first)."""
+    order = {c: i for i, c in enumerate(_REGISTRY)}
+    return sorted(_REGISTRY, key=lambda c: (-c.priority, -order[c]))
+
+
+def adapter_for(module: nn.Module) -> type[AttentionAdapter] | None:
+    """The first registered adapter class (by priority) that matches ``module``, or None."""
+    for cls in registered_adapters():
+        try:
+            if cls.matches(module):
+                return cls
+        except Exception:  # a buggy third-party matcher must not break discovery
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Default kernels
+
+
+def _softmax_is_attention(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        return False
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    return isinstance(dim, int) and dim in (-1, 3)
+
+
+def _gather_rows(x: Tensor, bi: Tensor, hi: Tensor, pos: Tensor) -> Tensor:
+    """``x[bi][:, hi]`` then rows ``pos`` ``[B', H', R]`` along dim 2 -> ``[B', H', R, x.shape[-1]]``.
+
+    ``x`` may be broadcast along dims 0/1 (size 1); dim 2 must be the full query length.
+    """
+    x = x.index_select(0, bi if x.shape[0] != 1 else torch.zeros_like(bi))
+    x = x.index_select(1, hi if x.shape[1] != 1 else torch.zeros_like(hi))
+    idx = pos.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])
+    return x.gather(2, idx)
+
+
+def sdpa_sampled_logits(
+    q: Tensor,
+    k: Tensor,
+    ctx: CallContext,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Logits of the sampled query rows exactly as ``F.scaled_dot_product_attention`` would form them.
+
+    Handles ``scale=None`` (``1/sqrt(E)``), boolean (True = attend) and additive masks broadcastable to
+    ``[B, H, Lq, Lk]``, ``is_causal`` with torch's top-left alignment (query ``i`` sees keys ``j <= i`` even
+    when
+    ``Lq != Lk``) and grouped-query attention (query head ``h`` reads key head ``h // (H // H_kv)``, as
+    ``enable_gqa`` and HF ``repeat_kv`` do). Computed in float32, multiplied by ``ctx.inv_tau`` when a
+    temperature is applied. Mask entries ``-inf`` stay ``-inf``.
+
+    Args:
+        q: ``[B, H, Lq, E]`` (3-D inputs are treated as ``B = 1``).
+        k: ``[B, H_kv, Lk, E]``.
+        ctx: the call context (gives the sampled items, heads and rows).
+        attn_mask: optional mask.
+        is_causal: causal masking.
+        scale: logit scale.
+
+    Returns:
+        ``(logits [B', H', R, Lk] float32, query_positions [B', H', R])``.
+    """
+    if q.dim() == 3:
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+    bsz, n_heads, q_len, e = q.shape
+    k_len = k.shape[-2]
+    rep = max(n_heads // k.shape[1], 1)
+    bi, hi = ctx.select(bsz, n_heads, q.device)
+    pos = ctx.sample_rows(bsz, n_heads, q_len, q.device)
+    qr = _gather_rows(q.detach(), bi, hi, pos).float()
+    kk = k.detach().index_select(0, bi if k.shape[0] != 1 else torch.zeros_like(bi))
+    kk = kk.index_select(1, hi // rep).float()
+    s = (1.0 / math.sqrt(e)) if scale is None else float(scale)
+    logits = torch.matmul(qr, kk.transpose(-1, -2)) * s
+    if attn_mask is not None:
+        m = attn_mask.detach()
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        m = m.expand(m.shape[0], m.shape[1], q_len, k_len) if m.shape[2] == 1 else m
+        mr = _gather_rows(m, bi, hi, pos)
+        logits = logits.masked_fill(~mr, float("-inf")) if mr.dtype == torch.bool else logits + mr.float()
+    if is_causal:
+        keys = torch.arange(k_len, device=q.device)
+        logits = logits.masked_fill(keys > pos.unsqueeze(-1), float("-inf"))
+    if ctx.apply_temperature:
+        logits = logits * ctx.inv_tau_on(logits.device).float()
+    return logits, pos
+
+
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _bind_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = dict(zip(_SDPA_NAMES, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _handle_sdpa(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ctx: CallContext
+) -> Any:
+    b = _bind_sdpa(args, kwargs)
+    q = b["query"]
+    if ctx.recording:
+        logits, pos = sdpa_sampled_logits(
+            q,
+            b["key"],
+            ctx,
+            attn_mask=b.get("attn_mask"),
+            is_causal=bool(b.get("is_causal", False)),
+            scale=b.get("scale"),
+        )
+        ctx.record_logits(logits, pos)
+    if ctx.apply_temperature:
+        b["query"] = q * ctx.inv_tau_on(q.device)
+    q2, k2, v2 = b.pop("query"), b.pop("key"), b.pop("value")
+    return func(q2, k2, v2, **b)
+
+
+def _handle_softmax(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ctx: CallContext
+) -> Any:
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    assert isinstance(x, Tensor)
+    if ctx.recording:
+        bsz, n_heads, q_len, _ = x.shape
+        bi, hi = ctx.select(bsz, n_heads, x.device)
+        pos = ctx.sample_rows(bsz, n_heads, q_len, x.device)
+        rows = _gather_rows(x.detach(), bi, hi, pos).float()
+        if x.dtype.is_floating_point:
+            # HF eager masks with finfo(dtype).min instead of -inf: treat such entries as masked.
+            rows = rows.masked_fill(rows <= torch.finfo(x.dtype).min / 2, float("-inf"))
+        if ctx.apply_temperature:
+            rows = rows * ctx.inv_tau_on(rows.device).float()
+        ctx.record_logits(rows, pos)
+    if ctx.apply_temperature:
+        scaled = x * ctx.inv_tau_on(x.device)
+        if args:
+            args = (scaled, *args[1:])
+        else:
+            kwargs = {**kwargs, ("input" if "input" in kwargs else "self"): scaled}
+    return func(*args, **kwargs)

@@ -1,0 +1,632 @@
+"""The attention probe: finds attention modules, observes their kernel calls, applies the temperature.
+
+Framework-free: works with plain PyTorch, Fabric or Lightning (the Lightning callbacks wrap it).
+
+How it observes: while ``probe.capture()`` is open (or while a temperature != 1 is set), every found attention
+module carries a forward pre-hook and a forward hook. The pre-hook pushes a ``TorchFunctionMode`` that is
+active
+only while that module's forward runs; the mode hands the module's attention kernel call (chosen by its
+adapter's
+route) to the adapter, which records the sampled rows' logits and applies the temperature. The post-hook pops
+the mode. Outside ``capture()`` and at tau == 1 no hook is installed, so the model runs exactly as without a
+probe.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from thetascope.capture.adapters import AttentionAdapter, adapter_for
+from thetascope.capture.records import LayerRecord
+
+__all__ = ["AttentionProbe"]
+
+_NORM_HINTS = ("layernorm", "rmsnorm", "groupnorm", "batchnorm", "norm")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._BatchNorm):
+        return True
+    rms = getattr(nn, "RMSNorm", None)
+    if rms is not None and isinstance(module, rms):
+        return True
+    name = type(module).__name__.lower()
+    return name.endswith(_NORM_HINTS) and not any(True for _ in module.children())
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    if "dropout" in name or _is_norm(module):
+        return False
+    return ("attention" in name or name.endswith("attn")) and any(True for _ in module.parameters())
+
+
+class _KernelMode(TorchFunctionMode):
+    """Active only inside one attention module's forward; routes its kernel call to the adapter."""
+
+    def __init__(self, ctx: _LayerContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        ctx = self.ctx
+        if not ctx.done and ctx.adapter.intercepts(func, args, kwargs):
+            ctx.done = True
+            if not ctx.recording:
+                return ctx.adapter.handle(func, types, args, kwargs, ctx)
+            try:
+                return ctx.adapter.handle(func, types, args, kwargs, ctx)
+            except Exception as err:
+                # Never break training over a measurement: report once, stop measuring this layer, and run the
+                # kernel (with the temperature, which is part of training, not of the measurement).
+                probe = ctx.probe
+                if probe.strict:
+                    raise
+                ctx.layer.disabled = True
+                ctx.recording = False
+                probe._warn_once(
+                    f"fail:{ctx.layer.name}",
+                    f"thetascope: measuring {ctx.layer.name} ({ctx.layer.kind}) failed with "
+                    f"{type(err).__name__}: {err}; this layer is no longer measured (strict=True raises).",
+                )
+                return ctx.adapter.handle(func, types, args, kwargs, ctx)
+        return func(*args, **kwargs)
+
+
+class _LayerContext:
+    """The CallContext the probe gives an adapter (see :class:`thetascope.capture.adapters.CallContext`)."""
+
+    def __init__(self, probe: AttentionProbe, layer: LayerRecord, adapter: AttentionAdapter) -> None:
+        self.probe = probe
+        self.layer = layer
+        self.adapter = adapter
+        self.done = False
+        self.recording = False
+        self.modes: list[_KernelMode] = []
+
+    @property
+    def apply_temperature(self) -> bool:
+        return self.probe._temp_on  # a bool, so torch.compile guards on it and not on the value of tau
+
+    @property
+    def inv_tau(self) -> Tensor:
+        return self.inv_tau_on(self.probe._default_device())
+
+    def inv_tau_on(self, device: torch.device) -> Tensor:
+        return self.probe._inv_tau_on(device)
+
+    def select(self, batch: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        return self.probe._select(batch, heads, device)
+
+    def sample_rows(self, batch: int, heads: int, q_len: int, device: torch.device) -> Tensor:
+        return self.probe._sample_rows(batch, heads, q_len, device)
+
+    def record_logits(self, logits: Tensor, query_positions: Tensor, *, valid: Tensor | None = None) -> None:
+        self.probe._record(self, logits, query_positions, valid)
+
+
+class AttentionProbe:
+    """Finds every attention module of a model and measures its attention rows on demand.
+
+    Discovery walks the module tree in registration order (depth order for the usual block lists), tries the
+    registered adapters by priority (:func:`thetascope.capture.adapters.register_adapter`) and does not
+    descend
+    into a matched module. Built-in adapters: HF transformers GPT-2, Llama-family (Llama, Mistral, Qwen2 ...),
+    BERT-family (BERT, RoBERTa ...) with ``eager`` and ``sdpa`` attention, nanoGPT-style modules calling
+    ``F.scaled_dot_product_attention``, and (when present) torch ``nn.MultiheadAttention`` and timm ViT.
+
+    Args:
+        model: the model (an ``nn.Module``; a ``torch.compile`` wrapper is unwrapped to ``_orig_mod``).
+        rows_per_head: query rows sampled per (batch item, head); ``None`` measures every row.
+        heads: head indices to measure (an int ``n`` means the first ``n``); ``None`` = all heads.
+        layers: which found layers to measure: indices into depth order or module names; ``None`` = all.
+        batch_size: measure only the first ``batch_size`` batch items; ``None`` = all.
+        seed: seed of the row sampler (a private ``torch.Generator``; the global RNG is never touched).
+        exact_top: ``exact_top`` of :func:`thetascope.functional.theta.balanced_mass_factor`.
+        strict: raise when measuring a layer fails; by default the failure is reported once (``UserWarning``
+            naming the layer and the reason), the layer's ``disabled`` flag is set and training goes on.
+
+    Raises:
+        ValueError: when no attention module is found (the message lists what was searched and how to register
+            an adapter), or for invalid arguments.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50)).eval()
+        >>> probe = AttentionProbe(model, rows_per_head=4)
+        >>> with probe.capture():
+        ...     _ = model(torch.randint(0, 50, (2, 8)))
+        >>> [r.name for r in probe.layers], tuple(probe.layers[0].theta.upper.shape)
+        (['transformer.h.0.attn', 'transformer.h.1.attn'], (2, 4, 4))
+        >>> probe.set_temperature(2.0)   # logits / 2 in every layer, on every forward, until set back to 1
+        >>> probe.set_temperature(1.0)   # hooks removed: the model runs exactly as without a probe
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        rows_per_head: int | None = 64,
+        heads: int | Sequence[int] | None = None,
+        layers: Sequence[int] | Sequence[str] | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        exact_top: int = 10,
+        strict: bool = False,
+    ) -> None:
+        if rows_per_head is not None and (not isinstance(rows_per_head, int) or rows_per_head < 1):
+            raise ValueError(f"rows_per_head must be a positive int or None, got {rows_per_head!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        if not isinstance(exact_top, int) or not 1 <= exact_top <= 20:
+            raise ValueError(f"exact_top must be an int in 1..20, got {exact_top!r}")
+        if isinstance(heads, int):
+            if heads < 1:
+                raise ValueError(
+                    f"heads must be a positive int, a sequence of head indices or None, got {heads}"
+                )
+            heads = list(range(heads))
+        elif heads is not None:
+            heads = [int(h) for h in heads]
+            if not heads or min(heads) < 0:
+                raise ValueError(f"heads must hold non-negative head indices, got {heads!r}")
+        self.model = getattr(model, "_orig_mod", model)
+        self._compiled = self.model is not model
+        self.rows_per_head = rows_per_head
+        self.heads: list[int] | None = heads
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.exact_top = exact_top
+        self.strict = strict
+        self._tau = 1.0
+        self._temp_on = False
+        self._inv_tau: dict[torch.device, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        self._installed_for: str | None = None  # None | "temperature" | "capture"
+        self._recording = False
+        self._compiled_seen = False
+        self._n_captures = 0
+        self._gen = torch.Generator()
+        self._warned: set[str] = set()
+        self.layers: list[LayerRecord] = []
+        self._contexts: list[_LayerContext] = []
+        self._blocks: dict[str, nn.Module] = {}
+        self._discover(layers)
+
+    # ---------------------------------------------------------------------------------------------- discovery
+    def _discover(self, layers: Sequence[int] | Sequence[str] | None) -> None:
+        found: list[tuple[str, nn.Module, type[AttentionAdapter]]] = []
+        unmatched: list[str] = []
+        searched: set[str] = set()
+
+        def walk(prefix: str, module: nn.Module) -> bool:
+            searched.add(type(module).__name__)
+            cls = adapter_for(module)
+            if cls is not None:
+                found.append((prefix, module, cls))
+                return True
+            any_child = False
+            for child_name, child in module.named_children():
+                any_child |= walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+            if not any_child and _looks_like_attention(module):
+                unmatched.append(f"{prefix or '<root>'} ({type(module).__name__})")
+            return any_child
+
+        walk("", self.model)
+        if unmatched:
+            warnings.warn(
+                "thetascope: no attention adapter matches "
+                + ", ".join(unmatched)
+                + "; these modules are not measured. Register one with "
+                "thetascope.capture.register_adapter (see thetascope.capture.adapters for an example).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not found:
+            raise ValueError(
+                f"AttentionProbe found no attention module in {type(self.model).__name__}. Searched module "
+                f"classes: {sorted(searched)}. Known kinds: HF GPT-2/Llama/BERT families, nanoGPT-style "
+                "modules "
+                "(c_attn/c_proj or q/k/v/o Linear + n_head calling F.scaled_dot_product_attention), "
+                "nn.MultiheadAttention, timm ViT. For a custom module, subclass "
+                "thetascope.capture.AttentionAdapter and decorate it with @register_adapter."
+            )
+        selected = list(range(len(found)))
+        if layers is not None:
+            names = [n for n, _, _ in found]
+            selected = []
+            for item in layers:
+                if isinstance(item, str):
+                    if item not in names:
+                        raise ValueError(f"layers: no attention module named {item!r}; found {names}")
+                    selected.append(names.index(item))
+                else:
+                    if not -len(found) <= int(item) < len(found):
+                        raise ValueError(
+                            f"layers: index {item} out of range for {len(found)} attention layers"
+                        )
+                    selected.append(int(item) % len(found))
+            selected = sorted(set(selected))
+        modules = dict(self.model.named_modules())
+        for i in selected:
+            name, module, cls = found[i]
+            adapter = cls(module, name)
+            bind_parent = getattr(adapter, "bind_parent", None)  # optional hook (torch_mha: reads norm_first)
+            if bind_parent is not None:
+                bind_parent(modules.get(name.rpartition(".")[0]) if name else None)
+            block_name = self._block_of(name, modules)
+            rec = LayerRecord(name=name, index=i, kind=cls.kind, adapter=adapter, block_name=block_name)
+            if adapter.norm_placement is not None:
+                rec.norm_placement = adapter.norm_placement
+            if self.heads is not None and max(self.heads) >= adapter.n_heads:
+                raise ValueError(f"heads={self.heads} but layer {name!r} has {adapter.n_heads} heads")
+            self.layers.append(rec)
+            self._contexts.append(_LayerContext(self, rec, adapter))
+            if block_name is not None:
+                self._blocks[block_name] = modules[block_name]
+
+    @staticmethod
+    def _block_of(name: str, modules: dict[str, nn.Module]) -> str | None:
+        parts = name.split(".")
+        # Deepest strict ancestor whose parent is a ModuleList/Sequential (the block list).
+        for cut in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[: cut - 1])
+            if isinstance(modules.get(parent), nn.ModuleList | nn.Sequential):
+                return ".".join(parts[:cut])
+        return None
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def _select(self, batch: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        nb = batch if self.batch_size is None else min(batch, self.batch_size)
+        bi = torch.arange(nb, device=device)
+        if self.heads is None:
+            hi = torch.arange(heads, device=device)
+        else:
+            hi = torch.tensor(self.heads, dtype=torch.long).to(device)
+        return bi, hi
+
+    def _sample_rows(self, batch: int, heads: int, q_len: int, device: torch.device) -> Tensor:
+        nb = batch if self.batch_size is None else min(batch, self.batch_size)
+        nh = heads if self.heads is None else len(self.heads)
+        if self.rows_per_head is None or self.rows_per_head >= q_len:
+            return torch.arange(q_len, device=device).expand(nb, nh, q_len)
+        scores = torch.rand((nb, nh, q_len), generator=self._gen)
+        pos = scores.topk(self.rows_per_head, dim=-1).indices.sort(dim=-1).values
+        return pos.to(device)
+
+    # ---------------------------------------------------------------------------------------------- recording
+    def _record(self, ctx: _LayerContext, logits: Tensor, pos: Tensor, valid: Tensor | None) -> None:
+        from thetascope.functional.theta import ThetaBounds, attention_entropy, balanced_mass_factor
+
+        logits = logits.detach().float()
+        masked = torch.isneginf(logits).all(dim=-1)
+        nonfinite = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) & ~masked
+        if valid is not None:
+            masked = masked | ~valid.to(torch.bool)
+            nonfinite = nonfinite & valid.to(torch.bool)
+        bad = masked | nonfinite
+        probs = torch.softmax(logits.masked_fill(bad.unsqueeze(-1), 0.0), dim=-1)
+        theta = balanced_mass_factor(probs, exact_top=self.exact_top, validate=False)
+        nan = torch.tensor(float("nan"), device=logits.device)
+        rec = ctx.layer
+        rec.theta = ThetaBounds(torch.where(bad, nan, theta.lower), torch.where(bad, nan, theta.upper))
+        rec.entropy = torch.where(bad, nan, attention_entropy(probs))
+        rec.query_positions = pos
+        rec.batch_index = torch.arange(logits.shape[0], device=logits.device)
+        rec.head_index = (
+            torch.arange(logits.shape[1], device=logits.device)
+            if self.heads is None
+            else torch.tensor(self.heads, dtype=torch.long).to(logits.device)
+        )
+        rec.n_masked_rows = masked.sum()
+        rec.n_nonfinite_rows = nonfinite.sum()
+        rec.n_captures += 1
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def _install(self, purpose: str) -> None:
+        if self._installed_for is not None:
+            self._installed_for = "capture" if "capture" in (purpose, self._installed_for) else purpose
+            return
+        self._installed_for = purpose
+        for ctx in self._contexts:
+            if hasattr(ctx.adapter, "on_install"):  # optional hook (torch_mha: MHA fast path off)
+                ctx.adapter.on_install()
+            module = ctx.adapter.module
+            self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(ctx), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._make_post_hook(ctx), always_call=True))
+
+    def _uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for ctx in self._contexts:
+            if hasattr(ctx.adapter, "on_uninstall"):
+                ctx.adapter.on_uninstall()
+        self._installed_for = None
+
+    def _make_pre_hook(self, ctx: _LayerContext) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            ctx.done = False
+            ctx.recording = self._recording and not ctx.layer.disabled
+            if ctx.recording and torch.compiler.is_compiling():
+                # Measuring inside a compiled graph would bake sampling into it; measure eagerly instead.
+                ctx.recording = False
+                self._compiled_seen = True
+            if ctx.recording:
+                try:
+                    self._on_attention_start(ctx, args, kwargs)
+                except Exception as err:
+                    if self.strict:
+                        raise
+                    ctx.layer.disabled = True
+                    ctx.recording = False
+                    self._warn_once(
+                        f"fail:{ctx.layer.name}",
+                        f"thetascope: measuring {ctx.layer.name} failed with {type(err).__name__}: {err}; "
+                        "this layer is no longer measured (strict=True raises).",
+                    )
+            mode = _KernelMode(ctx)
+            mode.__enter__()
+            ctx.modes.append(mode)
+
+        return pre_hook
+
+    def _make_post_hook(self, ctx: _LayerContext) -> Callable[..., None]:
+        def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if ctx.modes:
+                ctx.modes.pop().__exit__(None, None, None)
+            if ctx.recording and not ctx.done:
+                self._warn_once(
+                    f"nokernel:{ctx.layer.name}",
+                    f"thetascope: no attention kernel ({ctx.adapter.route!r} route) was observed in "
+                    f"{ctx.layer.name} ({type(module).__name__}); theta was not measured there. Fused "
+                    "kernels other than F.scaled_dot_product_attention (e.g. flash_attention_2, "
+                    "flex_attention) cannot be observed: use attn_implementation='sdpa' or 'eager', or "
+                    "capture on the uncompiled module.",
+                )
+            ctx.recording = False
+
+        return post_hook
+
+    def _on_attention_start(self, ctx: _LayerContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        from thetascope.functional.norms import max_token_norm
+
+        u = ctx.adapter.attention_input(args, kwargs)
+        if u is not None:
+            ctx.layer.attn_input_max_norm = max_token_norm(u.detach().reshape(-1, u.shape[-1]))
+        self._order.append(("attn", ctx.layer.name))
+
+    # ---------------------------------------------------------------------------------------------- capture
+    @contextmanager
+    def capture(self) -> Iterator[AttentionProbe]:
+        """Measure the attention of every forward run inside the block (normally one).
+
+        Installs the hooks on entry and removes them on exit (unless a temperature != 1 keeps them). Sampling
+        is reseeded from ``seed`` and a capture counter, so a run is reproducible.
+
+        Example:
+            >>> import torch
+            >>> from transformers import BertConfig, BertModel
+            >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            ...                              intermediate_size=64, vocab_size=50)).eval()
+            >>> probe = AttentionProbe(model, rows_per_head=None)
+            >>> with probe.capture():
+            ...     _ = model(torch.randint(0, 50, (2, 6)))
+            >>> probe.layers[0].norm_placement, probe.layers[0].theta.upper.shape
+            ('post', torch.Size([2, 4, 6]))
+        """
+        if self._recording:
+            raise RuntimeError("AttentionProbe.capture() is already active")
+        self._gen.manual_seed(self.seed * 1_000_003 + self._n_captures)
+        self._n_captures += 1
+        self._install("capture")
+        self._recording = True
+        self._order: list[tuple[str, str]] = []
+        extra = self._install_block_hooks()
+        try:
+            yield self
+        finally:
+            self._recording = False
+            if self._compiled_seen:
+                self._warn_once(
+                    "compiled-capture",
+                    "thetascope: capture() saw attention layers run inside a torch.compile graph and did not "
+                    "measure them there. Run the measurement forward on the uncompiled module "
+                    "(probe.model, i.e. compiled._orig_mod), e.g. under torch.no_grad().",
+                )
+            for h in extra:
+                h.remove()
+            self._finish_norm_placement()
+            if self._temp_on:  # the temperature (possibly changed inside the block) keeps its hooks
+                self._installed_for = "temperature"
+            else:
+                self._uninstall()
+
+    def _install_block_hooks(self) -> list[RemovableHandle]:
+        from thetascope.functional.norms import max_token_norm
+
+        handles: list[RemovableHandle] = []
+        block_layers: dict[str, list[LayerRecord]] = {}
+        for rec in self.layers:
+            if rec.block_name is not None:
+                block_layers.setdefault(rec.block_name, []).append(rec)
+        for bname, recs in block_layers.items():
+            block = self._blocks[bname]
+
+            def block_pre(
+                module: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                recs: list[LayerRecord] = recs,
+            ) -> None:
+                if torch.compiler.is_compiling():
+                    return
+                x = kwargs.get("hidden_states", kwargs.get("x"))
+                if not isinstance(x, Tensor):
+                    x = next((a for a in args if isinstance(a, Tensor)), None)
+                if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2:
+                    n = max_token_norm(x.detach().reshape(-1, x.shape[-1]))
+                    for r in recs:
+                        r.residual_max_norm = n
+
+            handles.append(block.register_forward_pre_hook(block_pre, with_kwargs=True))
+            if any(r.norm_placement is None for r in recs):
+                for mname, m in block.named_modules(prefix=bname):
+                    if _is_norm(m):
+
+                        def norm_pre(module: nn.Module, args: tuple[Any, ...], mname: str = mname) -> None:
+                            self._order.append(("norm", mname))
+
+                        handles.append(m.register_forward_pre_hook(norm_pre))
+        return handles
+
+    def _finish_norm_placement(self) -> None:
+        order = getattr(self, "_order", [])
+        for rec in self.layers:
+            if rec.norm_placement is not None:
+                continue
+            if rec.block_name is None:
+                rec.norm_placement = "none"
+                continue
+            prefix = rec.block_name + "."
+            events = [
+                (kind, n) for kind, n in order if n == rec.name or (kind == "norm" and n.startswith(prefix))
+            ]
+            try:
+                first_attn = events.index(("attn", rec.name))
+            except ValueError:
+                continue  # layer did not run; decide on a later capture
+            norms = [n for kind, n in events if kind == "norm"]
+            before = [n for kind, n in events[:first_attn] if kind == "norm"]
+            rec.norm_placement = "pre" if before else ("post" if norms else "none")
+        self._order = []
+
+    # -------------------------------------------------------------------------------------------- temperature
+    @property
+    def temperature(self) -> float:
+        """The current attention temperature tau (logits are divided by it)."""
+        return self._tau
+
+    def set_temperature(self, tau: float) -> None:
+        """Divide the attention logits of every found layer by ``tau`` on every forward from now on.
+
+        tau lives in one 0-dim tensor per device, updated in place, so changing it never recompiles a
+        ``torch.compile``-d model. While tau != 1 the hooks stay installed (training steps included); at
+        tau == 1 they are removed and the model runs bitwise as without a probe. No Lightning callback has to
+        enter or exit anything: calling this once per step (e.g. in ``on_train_batch_start``) is enough.
+
+        Args:
+            tau: a finite positive float.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from transformers import GPT2Config, GPT2Model
+            >>> model = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20)).eval()
+            >>> probe = AttentionProbe(model)
+            >>> x = torch.randint(0, 20, (1, 5))
+            >>> y1 = model(x).last_hidden_state
+            >>> probe.set_temperature(3.0)
+            >>> bool((model(x).last_hidden_state - y1).abs().max() > 0)
+            True
+            >>> probe.set_temperature(1.0)
+            >>> torch.equal(model(x).last_hidden_state, y1)
+            True
+        """
+        tau = float(tau)
+        if not math.isfinite(tau) or tau <= 0:
+            raise ValueError(f"tau must be a finite positive float, got {tau!r}")
+        self._tau = tau
+        self._temp_on = tau != 1.0
+        for device in self._param_devices():
+            self._inv_tau_on(device)
+        for t in self._inv_tau.values():
+            t.fill_(1.0 / tau)
+        if tau != 1.0:
+            if self._compiled:
+                self._warn_once(
+                    "compiled-temp",
+                    "thetascope: temperature hooks installed on the module inside a torch.compile wrapper; "
+                    "tau changes reuse the compiled graph (tau is a tensor), but switching between tau == 1 "
+                    "and tau != 1 installs/removes hooks and may compile once more.",
+                )
+            self._install("temperature")
+        elif self._installed_for == "temperature":
+            self._uninstall()
+
+    @contextmanager
+    def temperature_active(self, tau: float) -> Iterator[AttentionProbe]:
+        """Set the temperature for the duration of a block, then restore the previous one.
+
+        Example:
+            >>> import torch
+            >>> from transformers import GPT2Config, GPT2Model
+            >>> model = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20)).eval()
+            >>> probe = AttentionProbe(model)
+            >>> with probe.temperature_active(2.0):
+            ...     _ = model(torch.randint(0, 20, (1, 4)))
+            >>> probe.temperature, probe.is_installed
+            (1.0, False)
+        """
+        previous = self._tau
+        self.set_temperature(tau)
+        try:
+            yield self
+        finally:
+            self.set_temperature(previous)
+
+    def _param_devices(self) -> set[torch.device]:
+        return {p.device for p in self.model.parameters()} or {torch.device("cpu")}
+
+    def _default_device(self) -> torch.device:
+        return next(iter(self._param_devices()))
+
+    def _inv_tau_on(self, device: torch.device) -> Tensor:
+        t = self._inv_tau.get(device)
+        if t is None:
+            t = torch.full((), 1.0 / self._tau, dtype=torch.float32, device=device)
+            self._inv_tau[device] = t
+        return t
+
+    # ---------------------------------------------------------------------------------------------- misc
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def remove(self) -> None:
+        """Remove every hook and reset the temperature to 1."""
+        self._tau = 1.0
+        self._temp_on = False
+        for t in self._inv_tau.values():
+            t.fill_(1.0)
+        self._uninstall()
+
+    @property
+    def is_installed(self) -> bool:
+        """Whether any hook is installed on the model now."""
+        return bool(self._handles)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        kinds = sorted({r.kind for r in self.layers})
+        return f"AttentionProbe({len(self.layers)} layers, kinds={kinds}, tau={self._tau})"

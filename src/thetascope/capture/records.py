@@ -1,0 +1,118 @@
+"""Plain data returned by the attention probe: projection weights and per-layer records.
+
+Weights use the ``nn.Linear`` layout ``[out_features, in_features]`` (``y = x @ W.T``); adapters transpose
+other
+layouts (GPT-2 ``Conv1D``) before building a :class:`ProjectionWeights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from thetascope.functional.theta import ThetaBounds
+
+__all__ = ["LayerRecord", "ProjectionWeights"]
+
+
+@dataclass
+class ProjectionWeights:
+    """The Q/K/V/O projection matrices of one attention layer, as the layer uses them now.
+
+    Tensors are detached views of the live parameters (no copy where the layout allows it), in Linear layout
+    ``[out, in]``: ``w_q`` is ``[n_heads * head_dim, d_in]``, ``w_k`` and ``w_v`` are
+    ``[n_kv_heads * head_dim, d_in]``, ``w_o`` is ``[d_out, n_heads * head_dim]``.
+
+    Example:
+        >>> import torch
+        >>> w = torch.randn(8, 8)
+        >>> wv, wo = torch.randn(8, 8), torch.randn(8, 8)
+        >>> pw = ProjectionWeights(w, w, wv, wo, n_heads=2, n_kv_heads=2, head_dim=4)
+        >>> pw.shared_qk, pw.per_head()["q"].shape, pw.per_head()["o"].shape
+        (True, torch.Size([2, 4, 8]), torch.Size([2, 8, 4]))
+    """
+
+    w_q: Tensor
+    w_k: Tensor
+    w_v: Tensor
+    w_o: Tensor
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @property
+    def shared_qk(self) -> bool:
+        """True when W_Q and W_K are the same tensor (or views of the same storage with equal layout)."""
+        if self.w_q is self.w_k:
+            return True
+        return (
+            self.w_q.shape == self.w_k.shape
+            and self.w_q.stride() == self.w_k.stride()
+            and self.w_q.device == self.w_k.device
+            and self.w_q.data_ptr() == self.w_k.data_ptr()
+        )
+
+    def per_head(self) -> dict[str, Tensor]:
+        """Split the matrices into per-head blocks (views, no copy).
+
+        Returns:
+            ``{"q": [H, d_h, d_in], "k": [H_kv, d_h, d_in], "v": [H_kv, d_h, d_in], "o": [H, d_out, d_h]}``;
+            ``o[h]`` is the column block of ``W_O`` that reads head ``h`` (``W_O[:, h*d_h:(h+1)*d_h]``).
+        """
+        h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.w_q.reshape(h, dh, self.w_q.shape[-1])
+        k = self.w_k.reshape(hkv, dh, self.w_k.shape[-1])
+        v = self.w_v.reshape(hkv, dh, self.w_v.shape[-1])
+        o = self.w_o.reshape(self.w_o.shape[0], h, dh).permute(1, 0, 2)
+        return {"q": q, "k": k, "v": v, "o": o}
+
+
+@dataclass(eq=False)
+class LayerRecord:
+    """What the probe knows and last measured about one attention layer (one per found module, depth order).
+
+    Measured fields are ``None`` until the first ``capture()`` that ran this layer; each capture overwrites
+    them. ``theta``/``entropy`` are ``[B', H', R]`` over the sampled batch items ``batch_index``, heads
+    ``head_index`` and query rows ``query_positions`` (``[B', H', R]``); rows that were fully masked or
+    non-finite hold NaN and are counted in ``n_masked_rows`` / ``n_nonfinite_rows``. ``disabled`` is set when
+    a measurement of this layer failed (reported once); the layer is then no longer measured.
+    """
+
+    name: str
+    index: int
+    kind: str
+    adapter: Any = field(repr=False)
+    block_name: str | None = None
+    theta: ThetaBounds | None = None
+    query_positions: Tensor | None = None
+    batch_index: Tensor | None = None
+    head_index: Tensor | None = None
+    entropy: Tensor | None = None
+    attn_input_max_norm: Tensor | None = None
+    residual_max_norm: Tensor | None = None
+    n_masked_rows: Tensor | None = None
+    n_nonfinite_rows: Tensor | None = None
+    norm_placement: str | None = None
+    n_captures: int = 0
+    disabled: bool = False
+    _weights_fn: Callable[[], ProjectionWeights] | None = field(default=None, repr=False)
+
+    def weights(self) -> ProjectionWeights:
+        """The layer's projection weights as it uses them now (detached views of the live parameters)."""
+        if self._weights_fn is not None:
+            return self._weights_fn()
+        return self.adapter.projection_weights()
+
+    @property
+    def path_length_m(self) -> int:
+        """Multiplicative maps on the sensitive path (Thm 6.2): 3 when W_Q and W_K are shared, else 4."""
+        return 3 if self.weights().shared_qk else 4
+
+    @property
+    def n_heads(self) -> int:
+        """Number of query heads."""
+        return int(self.adapter.n_heads)

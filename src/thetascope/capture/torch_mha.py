@@ -1,0 +1,354 @@
+"""Adapter for torch ``nn.MultiheadAttention`` (alone or inside ``nn.Transformer*`` layers).
+
+Route ``"mha"``: while the module's forward runs, the probe's mode intercepts
+``F.multi_head_attention_forward`` and hands its arguments to :meth:`TorchMHAAdapter.handle`, which
+
+* when recording, recomputes the logits of the sampled query rows from the same arguments (in-projection
+  weights and biases, ``bias_k``/``add_zero_attn``, ``static_k``, ``attn_mask`` bool or float 2-D/3-D,
+  ``key_padding_mask`` bool or float, ``is_causal``), in float32, exactly as the kernel forms them;
+* applies the temperature by calling the original function with a copy of the in-projection weight (and
+  bias) whose query rows are multiplied by ``1/tau``. The kernel then sees ``q / tau`` and forms
+  ``(q . k) / (tau sqrt(d_h)) + mask``: the additive mask is not divided, ``-inf`` stays ``-inf``, and
+  autograd reaches the live parameters through the product. At tau == 1 (``ctx.apply_temperature`` False)
+  the original arguments are passed untouched, so the call is bitwise the unhooked one.
+
+The inference fast paths (``torch._native_multi_head_attention`` in ``nn.MultiheadAttention``,
+``torch._transformer_encoder_layer_fwd`` and nested tensors in ``nn.TransformerEncoder[Layer]``, taken in
+eval mode without grad) never call ``F.multi_head_attention_forward``. While the probe's hooks are installed
+(inside ``capture()`` or while tau != 1) the adapter switches them off process-wide with
+``torch.backends.mha.set_fastpath_enabled(False)``: the probe calls :meth:`TorchMHAAdapter.on_install` and
+:meth:`~TorchMHAAdapter.on_uninstall` when it installs/removes its hooks (reference-counted), and the
+previous setting is restored when the last hook is removed. A captured eval forward therefore runs torch's
+reference ("slow") path: its output equals the fast path's to float tolerance, not bitwise. Outside
+``capture()`` at tau == 1 nothing is changed.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from thetascope.capture import AttentionProbe
+    >>> layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    >>> probe = AttentionProbe(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), rows_per_head=3)
+    >>> with probe.capture():
+    ...     _ = probe.model(torch.randn(2, 5, 16))
+    >>> rec = probe.layers[0]
+    >>> [r.kind for r in probe.layers], tuple(rec.theta.upper.shape), rec.norm_placement
+    (['torch_mha', 'torch_mha'], (2, 2, 3), 'post')
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from thetascope.capture.adapters import AttentionAdapter, CallContext, register_adapter
+from thetascope.capture.records import ProjectionWeights
+
+__all__ = ["TorchMHAAdapter", "mha_fastpath_disabled"]
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+# The parameters the module passes positionally (query .. out_proj_bias); the rest go by keyword.
+_N_POSITIONAL = 13
+
+
+@contextmanager
+def mha_fastpath_disabled() -> Iterator[None]:
+    """Switch torch's MHA/Transformer inference fast path off for the block, then restore the setting.
+
+    The fast path (eval mode, no grad) runs fused kernels that bypass ``F.multi_head_attention_forward`` and
+    converts padded batches to nested tensors, so the probe cannot observe the attention there.
+
+    Example:
+        >>> import torch
+        >>> with mha_fastpath_disabled():
+        ...     torch.backends.mha.get_fastpath_enabled()
+        False
+    """
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+
+
+# Process-wide: adapters holding the fast path off, and the setting to restore when the last lets go.
+_FASTPATH_HOLDERS: set[int] = set()
+_FASTPATH_SAVED: list[bool] = []
+
+
+def _hold_fastpath_off(holder: object) -> None:
+    if not _FASTPATH_HOLDERS:
+        _FASTPATH_SAVED[:] = [torch.backends.mha.get_fastpath_enabled()]
+        torch.backends.mha.set_fastpath_enabled(False)
+    _FASTPATH_HOLDERS.add(id(holder))
+
+
+def _release_fastpath(holder: object) -> None:
+    if id(holder) not in _FASTPATH_HOLDERS:
+        return
+    _FASTPATH_HOLDERS.discard(id(holder))
+    if not _FASTPATH_HOLDERS and _FASTPATH_SAVED:
+        torch.backends.mha.set_fastpath_enabled(_FASTPATH_SAVED.pop())
+
+
+def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _call(func: Callable[..., Any], b: dict[str, Any]) -> Any:
+    names = list(_MHA_SIGNATURE.parameters)
+    pos = [b[n] for n in names[:_N_POSITIONAL]]
+    kw = {n: b[n] for n in names[_N_POSITIONAL:]}
+    return func(*pos, **kw)
+
+
+def _float_mask(mask: Tensor | None) -> Tensor | None:
+    """Bool (True = masked) or additive mask -> additive float32 mask (``-inf`` where masked)."""
+    if mask is None:
+        return None
+    mask = mask.detach()
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    return mask.float()
+
+
+@register_adapter
+class TorchMHAAdapter(AttentionAdapter):
+    """Adapter for ``torch.nn.MultiheadAttention`` (kind ``"torch_mha"``, route ``"mha"``).
+
+    Handles packed (``in_proj_weight``) and separate (``q/k/v_proj_weight``, ``kdim``/``vdim`` !=
+    ``embed_dim``) projections, ``batch_first`` both ways, unbatched inputs, ``bias_k``/``bias_v``,
+    ``add_zero_attn``, every mask form and ``is_causal``. ``norm_placement`` comes from the enclosing
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``'s ``norm_first`` when the probe tells the
+    adapter its parent (:meth:`bind_parent`); otherwise the probe infers it.
+
+    The attention input ``U`` is the query; for cross-attention (key is not query) it is the query and key
+    tokens together (the larger token norm of either side bounds the logits).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from thetascope.capture import AttentionProbe
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        >>> probe = AttentionProbe(mha, rows_per_head=None)
+        >>> x = torch.randn(1, 4, 8)
+        >>> with probe.capture():
+        ...     _ = mha(x, x, x)
+        >>> probe.layers[0].theta.upper.shape, probe.layers[0].weights().w_q.shape
+        (torch.Size([1, 2, 4]), torch.Size([8, 8]))
+    """
+
+    kind: ClassVar[str] = "torch_mha"
+    route: ClassVar[str] = "mha"
+    priority: ClassVar[int] = 10
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        super().__init__(module, name)
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"TorchMHAAdapter expects nn.MultiheadAttention, got {type(module).__name__}")
+        self.mha: nn.MultiheadAttention = module
+        self.n_heads = self.n_kv_heads = int(module.num_heads)
+        self.head_dim = int(module.head_dim)
+        self._norm_first: bool | None = None
+
+    def on_install(self) -> None:
+        """Called by the probe when it installs its hooks: turn torch's MHA inference fast path off.
+
+        Reference-counted across adapters and probes; the setting found by the first holder is restored when
+        the last one calls :meth:`on_uninstall`.
+        """
+        _hold_fastpath_off(self)
+
+    def on_uninstall(self) -> None:
+        """Called by the probe when it removes its hooks: give the fast path back (see :meth:`on_install`)."""
+        _release_fastpath(self)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """True for ``nn.MultiheadAttention`` and its subclasses."""
+        return isinstance(module, nn.MultiheadAttention)
+
+    def bind_parent(self, parent: nn.Module | None) -> None:
+        """Tell the adapter the module that owns it (read: ``norm_first`` of a torch Transformer layer)."""
+        norm_first = getattr(parent, "norm_first", None) if parent is not None else None
+        self._norm_first = bool(norm_first) if isinstance(norm_first, bool) else None
+
+    @property
+    def norm_placement(self) -> str | None:
+        """``"pre"``/``"post"`` from the parent layer's ``norm_first`` when known, else None (inferred)."""
+        if self._norm_first is None:
+            return None
+        return "pre" if self._norm_first else "post"
+
+    def projection_weights(self) -> ProjectionWeights:
+        """Detached views of the Q/K/V rows of the in-projection and of ``out_proj.weight``."""
+        m = self.mha
+        e = m.embed_dim
+        if m._qkv_same_embed_dim:
+            assert m.in_proj_weight is not None
+            w = m.in_proj_weight.detach()
+            w_q, w_k, w_v = w[:e], w[e : 2 * e], w[2 * e :]
+        else:
+            assert m.q_proj_weight is not None
+            assert m.k_proj_weight is not None
+            assert m.v_proj_weight is not None
+            w_q, w_k, w_v = m.q_proj_weight.detach(), m.k_proj_weight.detach(), m.v_proj_weight.detach()
+        return ProjectionWeights(
+            w_q, w_k, w_v, m.out_proj.weight.detach(), self.n_heads, self.n_kv_heads, self.head_dim
+        )
+
+    def attention_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+        """The query (self-attention), or query and key tokens together (cross-attention)."""
+        names = ("query", "key")
+        vals = [kwargs.get(n, args[i] if len(args) > i else None) for i, n in enumerate(names)]
+        query, key = vals
+        if not isinstance(query, Tensor) or query.is_nested:
+            return None
+        if not isinstance(key, Tensor) or key is query or key.is_nested or key.shape[-1] != query.shape[-1]:
+            return query
+        if query.dim() != key.dim():
+            return query
+        # token axis: 0 for unbatched and sequence-first, 1 for batch_first
+        tok = 1 if (query.dim() == 3 and self.mha.batch_first) else 0
+        if query.dim() == 3 and query.shape[1 - tok] != key.shape[1 - tok]:
+            return query
+        return torch.cat([query.detach(), key.detach()], dim=tok)
+
+    # ---------------------------------------------------------------------------------------------- kernel
+    def handle(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ctx: CallContext,
+    ) -> Any:
+        """Record the sampled rows' logits (when recording); run the kernel with the temperature applied."""
+        b = _bind(args, kwargs)
+        if ctx.apply_temperature:
+            b = self._scaled_query_projection(b, ctx)
+        out = _call(func, b)
+        if ctx.recording:
+            with torch.no_grad():
+                logits, pos = self._sampled_logits(b, ctx)
+            ctx.record_logits(logits, pos)
+        return out
+
+    @staticmethod
+    def _scaled_query_projection(b: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        """Copy of the arguments whose query projection (weight rows and bias) is multiplied by 1/tau."""
+        b = dict(b)
+        e = int(b["embed_dim_to_check"])
+        if b["use_separate_proj_weight"]:
+            w = b["q_proj_weight"]
+            b["q_proj_weight"] = w * ctx.inv_tau_on(w.device).to(w.dtype)
+        else:
+            w = b["in_proj_weight"]
+            b["in_proj_weight"] = w * _q_scale(ctx, e, w).unsqueeze(-1)
+        bias = b["in_proj_bias"]
+        if bias is not None:
+            b["in_proj_bias"] = bias * _q_scale(ctx, e, bias)
+        return b
+
+    def _sampled_logits(self, b: dict[str, Any], ctx: CallContext) -> tuple[Tensor, Tensor]:
+        """Logits ``[B', H', R, S]`` (float32) of the sampled query rows as the kernel's softmax sees them."""
+        query, key = b["query"].detach(), b["key"].detach()
+        kpm: Tensor | None = b["key_padding_mask"]
+        if query.dim() == 2:  # unbatched: the kernel adds a batch dim at position 1
+            query, key = query.unsqueeze(1), key.unsqueeze(1)
+            kpm = kpm.unsqueeze(0) if kpm is not None else None
+        tgt_len, bsz, e = query.shape
+        n_heads = int(b["num_heads"])
+        dh = e // n_heads
+        device = query.device
+        bi, hi = ctx.select(bsz, n_heads, device)
+        pos = ctx.sample_rows(bsz, n_heads, tgt_len, device)  # [B', H', R]
+        nb, nh, r = pos.shape
+
+        bias = b["in_proj_bias"]
+        b_q = b_k = None
+        if bias is not None:
+            b_q, b_k, _ = bias.detach().float().chunk(3)
+        if b["use_separate_proj_weight"]:
+            w_q, w_k = b["q_proj_weight"].detach(), b["k_proj_weight"].detach()
+        else:
+            w = b["in_proj_weight"].detach()
+            w_q, w_k = w[:e], w[e : 2 * e]
+
+        # q of the sampled rows, per head: [B', H', R, d_h]
+        q_in = query.transpose(0, 1).index_select(0, bi).float()  # [B', L, E]
+        idx = pos.reshape(nb, nh * r, 1).expand(-1, -1, e)
+        q_rows = q_in.gather(1, idx).view(nb, nh, r, e)
+        w_qh = w_q.float().view(n_heads, dh, e).index_select(0, hi)  # [H', d_h, E]
+        q = torch.einsum("bhre,hde->bhrd", q_rows, w_qh)
+        if b_q is not None:
+            q = q + b_q.view(n_heads, dh).index_select(0, hi)[None, :, None, :]
+
+        # keys, per head: [B', H', S, d_h]
+        static_k: Tensor | None = b["static_k"]
+        if static_k is not None:
+            k = static_k.detach().float().view(bsz, n_heads, -1, dh).index_select(0, bi).index_select(1, hi)
+        else:
+            # project only the measured heads' key rows
+            k_in = key.transpose(0, 1).index_select(0, bi).float()  # [B', S, E_k]
+            w_kh = w_k.float().view(n_heads, dh, -1).index_select(0, hi).reshape(nh * dh, -1)
+            b_kh = b_k.view(n_heads, dh).index_select(0, hi).reshape(-1) if b_k is not None else None
+            k = F.linear(k_in, w_kh, b_kh).view(nb, -1, nh, dh).transpose(1, 2)  # [B', H', S, d_h]
+        extra = 0
+        if b["bias_k"] is not None:
+            bk = b["bias_k"].detach().float().reshape(n_heads, dh).index_select(0, hi)
+            k = torch.cat([k, bk[None, :, None, :].expand(nb, -1, 1, -1)], dim=2)
+            extra += 1
+        if b["add_zero_attn"]:
+            k = torch.cat([k, k.new_zeros(nb, nh, 1, dh)], dim=2)
+            extra += 1
+        src_len = k.shape[2]
+
+        # the kernel scales q before the product (need_weights path); the SDPA path scales the same way
+        logits = torch.matmul(q * math.sqrt(1.0 / dh), k.transpose(-1, -2))
+
+        # masks, following F.multi_head_attention_forward's own logic
+        need_weights = bool(b["need_weights"])
+        is_causal = bool(b["is_causal"])
+        attn_mask = b["attn_mask"]
+        if is_causal and attn_mask is None:
+            raise RuntimeError("is_causal=True needs attn_mask (the kernel raises the same error)")
+        if is_causal and kpm is None and not need_weights:
+            # the kernel drops attn_mask and asks SDPA for its causal mask (top-left aligned)
+            keys = torch.arange(src_len, device=device)
+            logits = logits.masked_fill(keys > pos.unsqueeze(-1), float("-inf"))
+        elif attn_mask is not None:
+            m = _float_mask(attn_mask)
+            assert m is not None
+            if m.dim() == 2:
+                rows = m.index_select(0, pos.reshape(-1)).view(nb, nh, r, -1)
+            else:  # [B*H, L, S]
+                m4 = m.view(bsz, n_heads, tgt_len, -1).index_select(0, bi).index_select(1, hi)
+                rows = m4.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, m4.shape[-1]))
+            if extra:
+                rows = F.pad(rows, (0, extra))
+            logits = logits + rows
+        kpm_f = _float_mask(kpm)
+        if kpm_f is not None:
+            kpm_f = kpm_f.index_select(0, bi)
+            if extra:
+                kpm_f = F.pad(kpm_f, (0, extra))
+            logits = logits + kpm_f[:, None, None, :]
+        return logits, pos
+
+
+def _q_scale(ctx: CallContext, e: int, like: Tensor) -> Tensor:
+    """``[3E]``: ``1/tau`` on the query rows, 1 on the key and value rows (dtype/device of ``like``)."""
+    inv = ctx.inv_tau_on(like.device).to(like.dtype)
+    return torch.cat([inv.expand(e), like.new_ones(like.shape[0] - e)])

@@ -1,0 +1,237 @@
+"""Per-layer gradient norms and gradient-flow pathology statistics, on device and without host syncs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+__all__ = [
+    "LAYER_PATTERN",
+    "grad_norms_by_group",
+    "gradient_pathology",
+    "group_parameters_by_layer",
+    "layer_index_of",
+]
+
+#: Matches a known layer-container name followed by a numeric index as whole dotted components:
+#: ``h`` (GPT-2, BLOOM, Falcon: ``transformer.h.3.``), ``layers``/``layer`` (Llama ``model.layers.3.``,
+#: BERT ``encoder.layer.3.``, plain ``layers.3.``), ``blocks``/``block`` (nanoGPT/timm ``blocks.3.``, T5
+#: ``block.3.``) and ``resblocks`` (CLIP). Leftmost match wins: ``blocks.2.mlp.layers.0.weight`` is layer 2.
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:h|layers?|blocks?|resblocks)\.(\d+)(?=\.|$)")
+
+
+def layer_index_of(name: str) -> int | None:
+    """Layer index of a parameter name: the first number after a known container (see :data:`LAYER_PATTERN`).
+
+    Encoder-decoder models that number both stacks from 0 (T5's ``encoder.block.0`` and ``decoder.block.0``)
+    get the same index for both; pass your own ``layer_of`` to :func:`group_parameters_by_layer` there.
+
+    Args:
+        name: a dotted parameter name as from ``model.named_parameters()``.
+
+    Returns:
+        The index, or ``None`` when the name is not inside a recognised layer container (embeddings, heads).
+
+    Example:
+        >>> layer_index_of("transformer.h.3.attn.c_attn.weight"), layer_index_of("model.layers.11.mlp.w")
+        (3, 11)
+        >>> layer_index_of("transformer.wte.weight") is None
+        True
+    """
+    match = LAYER_PATTERN.search(name)
+    return int(match.group(1)) if match else None
+
+
+def group_parameters_by_layer(
+    named_parameters: Iterable[tuple[str, Parameter]],
+    layer_of: Callable[[str], int | None] = layer_index_of,
+) -> tuple[list[int], list[list[Parameter]], list[Parameter]]:
+    """Group trainable parameters by layer index.
+
+    Parameters with ``requires_grad=False`` are left out; a parameter object seen twice (tied weights listed
+    under two names) is kept once, under its first name.
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+        layer_of: maps a name to a layer index or ``None``.
+
+    Returns:
+        ``(layer_ids, groups, other)``: sorted distinct layer indices, the parameters of each (same
+        order), and the parameters outside any layer.
+
+    Example:
+        >>> model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 1),
+        ...                              "head": torch.nn.Linear(2, 1)})
+        >>> ids, groups, other = group_parameters_by_layer(model.named_parameters())
+        >>> ids, [len(g) for g in groups], len(other)
+        ([0], [2], 2)
+    """
+    by_layer: dict[int, list[Parameter]] = {}
+    other: list[Parameter] = []
+    seen: set[int] = set()
+    for name, param in named_parameters:
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        idx = layer_of(name)
+        if idx is None:
+            other.append(param)
+        else:
+            by_layer.setdefault(idx, []).append(param)
+    layer_ids = sorted(by_layer)
+    return layer_ids, [by_layer[i] for i in layer_ids], other
+
+
+def _tensor_norms(grads: list[Tensor]) -> list[Tensor]:
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    if foreach_norm is not None:
+        try:
+            # float32 results: fp16 norms of large gradients would overflow when squared
+            return list(foreach_norm(grads, 2, dtype=torch.float32))
+        except (TypeError, RuntimeError):  # older torch without dtype=, or an unsupported layout
+            pass
+    return [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+
+
+@overload
+def grad_norms_by_group(
+    groups: Sequence[Sequence[Tensor]],
+    *,
+    other: Sequence[Tensor] = ...,
+    return_nonfinite: Literal[False] = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def grad_norms_by_group(
+    groups: Sequence[Sequence[Tensor]],
+    *,
+    other: Sequence[Tensor] = ...,
+    return_nonfinite: Literal[True],
+) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+def grad_norms_by_group(
+    groups: Sequence[Sequence[Tensor]],
+    *,
+    other: Sequence[Tensor] = (),
+    return_nonfinite: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Gradient 2-norm of each parameter group and of everything, from one ``torch._foreach_norm``.
+
+    Per-tensor norms are computed in one fused call (float32), squared, scatter-added into their group and
+    square-rooted, so a group's norm is the norm of its concatenated gradients, never a sum of norms.
+    Parameters whose ``.grad`` is ``None`` are skipped (a group without any gradient reads 0). A group holding
+    a NaN or Inf gradient reads NaN or Inf, and so does the global norm. No host synchronisation.
+
+    Args:
+        groups: parameter groups, e.g. from :func:`group_parameters_by_layer`.
+        other: parameters counted in the global norm only (embeddings, heads).
+        return_nonfinite: also return the number of gradient tensors whose norm is not finite.
+
+    Returns:
+        ``(per_group [N], global_norm [])`` float32 on the gradients' device (the first gradient's, CPU if
+        none); plus a 0-dim long count when ``return_nonfinite``.
+
+    Example:
+        >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        >>> a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+        >>> per_group, total = grad_norms_by_group([[a], [b]])
+        >>> per_group.tolist(), float(total)
+        ([3.0, 4.0], 5.0)
+    """
+    grads: list[Tensor] = []
+    index: list[int] = []
+    for gi, group in enumerate(groups):
+        for p in group:
+            if p.grad is not None:
+                grads.append(p.grad.detach())
+                index.append(gi)
+    for p in other:
+        if p.grad is not None:
+            grads.append(p.grad.detach())
+            index.append(len(groups))  # an extra slot, dropped below
+    n_groups = len(groups)
+    device = grads[0].device if grads else torch.device("cpu")
+    if not grads:
+        zero = torch.zeros((), device=device)
+        per = torch.zeros(n_groups, device=device)
+        nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        return (per, zero, nonfinite) if return_nonfinite else (per, zero)
+    norms = torch.stack([n.to(device, non_blocking=True) for n in _tensor_norms(grads)])
+    sq = norms.square()
+    idx = torch.tensor(index, device=device)
+    per_sq = torch.zeros(n_groups + 1, device=device).index_add_(0, idx, sq)[:n_groups]
+    per_group = per_sq.sqrt()
+    global_norm = sq.sum().sqrt()
+    if return_nonfinite:
+        return per_group, global_norm, (~torch.isfinite(norms)).sum()
+    return per_group, global_norm
+
+
+def gradient_pathology(layer_norms: Tensor, vanishing_fraction: float = 0.01) -> dict[str, Tensor]:
+    """Summary statistics of a depth profile of gradient norms (no host synchronisation).
+
+    Args:
+        layer_norms: ``[N]`` gradient norm per layer in depth order (input side first).
+        vanishing_fraction: a layer "vanishes" when its norm is below this fraction of the largest, in (0, 1).
+
+    Returns:
+        0-dim float32 tensors (``vanishing_layers`` and ``argmin_layer`` are long):
+
+        * ``early_late_ratio``: mean of the first third of layers over the mean of the last third (at least
+          one layer each). Below 1 when early layers starve (post-LN), about 1 or above for pre-LN.
+        * ``log_slope``: least-squares slope of ``log(norm)`` against the layer position ``0..N-1`` (norms are
+          floored at the smallest positive float so unused layers do not give ``-inf``).
+        * ``vanishing_layers``: number of layers below ``vanishing_fraction * max``.
+        * ``min_max_ratio``: smallest over largest norm.
+        * ``argmin_layer``: position (0..N-1) of the smallest norm.
+
+        Non-finite norms propagate (NaN statistics), so a bad step is visible.
+
+    Raises:
+        ValueError: if ``layer_norms`` is not a non-empty 1-D tensor or ``vanishing_fraction`` is outside
+            (0, 1).
+
+    Example:
+        >>> stats = gradient_pathology(torch.tensor([0.01, 0.1, 1.0]))
+        >>> round(float(stats["early_late_ratio"]), 3), round(float(stats["log_slope"]), 3)
+        (0.01, 2.303)
+    """
+    if layer_norms.ndim != 1 or layer_norms.numel() == 0:
+        raise ValueError(
+            f"gradient_pathology: layer_norms must be a non-empty 1-D tensor [N], got shape "
+            f"{tuple(layer_norms.shape)}"
+        )
+    if not (isinstance(vanishing_fraction, (int, float)) and 0 < vanishing_fraction < 1):
+        raise ValueError(
+            f"gradient_pathology: vanishing_fraction must be in (0, 1), got {vanishing_fraction!r}"
+        )
+    x = layer_norms.detach()
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    n = x.numel()
+    third = max(1, n // 3)
+    early = x[:third].mean()
+    late = x[n - third :].mean()
+    pos = torch.arange(n, dtype=x.dtype, device=x.device)
+    logs = x.clamp_min(torch.finfo(x.dtype).tiny).log()
+    pc = pos - pos.mean()
+    denom = pc.square().sum()
+    slope = (
+        (pc * (logs - logs.mean())).sum() / denom
+        if n > 1
+        else torch.zeros((), dtype=x.dtype, device=x.device)
+    )
+    mx = x.max()
+    return {
+        "early_late_ratio": early / late,
+        "log_slope": slope,
+        "vanishing_layers": (x < vanishing_fraction * mx).sum(),
+        "min_max_ratio": x.min() / mx,
+        "argmin_layer": x.argmin(),
+    }

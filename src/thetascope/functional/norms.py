@@ -1,0 +1,100 @@
+"""Token-wise norms of a block of hidden states ``[..., L, d]`` (the ``B-bar`` readings of Theorem 5.1).
+
+All reductions skip tokens that are masked out or hold a non-finite value, and never synchronise with the
+host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["block_rms_norm", "count_nonfinite_tokens", "max_token_norm"]
+
+
+def _check(x: Tensor, mask: Tensor | None) -> None:
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape [..., L, d] (at least 2 dims), got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a bool tensor [..., L] (True = include the token), got dtype {mask.dtype}"
+            )
+        try:
+            torch.broadcast_shapes(mask.shape, x.shape[:-1])
+        except RuntimeError as err:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the token shape "
+                f"{tuple(x.shape[:-1])}"
+            ) from err
+
+
+def _token_norms(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token 2-norms ``[..., L]`` (float32 or better) and a bool ``[..., L]``: token all finite."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.detach().to(dtype)
+    finite = torch.isfinite(x).all(dim=-1)
+    return torch.linalg.vector_norm(x, dim=-1), finite
+
+
+def max_token_norm(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Largest token 2-norm ``max_i ||x_i||_2`` over the included, finite tokens.
+
+    Args:
+        x: ``[..., L, d]`` hidden states (any float dtype; computed in float32, float64 stays float64).
+        mask: optional bool ``[..., L]`` (broadcastable), True for tokens to include.
+
+    Returns:
+        ``x.shape[:-2]`` (broadcast with ``mask.shape[:-1]``); 0 where no token qualifies.
+
+    Example:
+        >>> max_token_norm(torch.tensor([[3.0, 4.0], [1.0, 0.0], [float("nan"), 1.0]]))
+        tensor(5.)
+    """
+    _check(x, mask)
+    norms, keep = _token_norms(x)
+    if mask is not None:
+        keep = keep & mask
+    return torch.where(keep, norms, torch.zeros((), dtype=norms.dtype, device=norms.device)).amax(dim=-1)
+
+
+def block_rms_norm(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Block-infinity/RMS norm ``max_i ||x_i||_2 / sqrt(d)``: the worst included, finite token's RMS value.
+
+    Args:
+        x: ``[..., L, d]`` hidden states (any float dtype; computed in float32, float64 stays float64).
+        mask: optional bool ``[..., L]`` (broadcastable), True for tokens to include.
+
+    Returns:
+        ``x.shape[:-2]`` (broadcast with ``mask.shape[:-1]``); 0 where no token qualifies.
+
+    Example:
+        >>> block_rms_norm(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+        tensor(3.5355)
+    """
+    return max_token_norm(x, mask) / math.sqrt(x.shape[-1])
+
+
+def count_nonfinite_tokens(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Number of included tokens holding a NaN or infinite value (the tokens the norms above skip).
+
+    Args:
+        x: ``[..., L, d]`` hidden states.
+        mask: optional bool ``[..., L]`` (broadcastable), True for tokens to include.
+
+    Returns:
+        int64 ``x.shape[:-2]`` (broadcast with ``mask.shape[:-1]``).
+
+    Example:
+        >>> count_nonfinite_tokens(torch.tensor([[1.0, float("inf")], [1.0, 2.0]]))
+        tensor(1)
+    """
+    _check(x, mask)
+    bad = ~torch.isfinite(x.detach()).all(dim=-1)
+    if mask is not None:
+        bad = bad & mask
+    return bad.sum(dim=-1)

@@ -1,0 +1,409 @@
+"""The balanced-mass factor theta(p) of an attention row, with a certificate.
+
+``theta(p) = 4 * max_S p(S) * (1 - p(S)) = 1 - 4 * delta**2`` where ``delta = min_S |p(S) - 1/2|`` over all
+subsets ``S`` of the keys. By Theorem 4.2 of the paper, ``theta(p) / tau`` is exactly the l_inf -> l_1 norm of
+the softmax Jacobian. Computing ``delta`` is a subset-sum (number-partition) problem, so this module reports a
+bracket ``[lower, upper]`` that provably contains the true value (exact whenever the row allows it), the
+paper's sorted-prefix heuristic for comparison, and brute-force references for tests.
+
+Every function here normalises each row by its own sum first, so the value reported is theta of
+``p / sum(p)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MAX_EXACT_TOP",
+    "MAX_EXHAUSTIVE_LENGTH",
+    "MAX_JACOBIAN_LENGTH",
+    "ThetaBounds",
+    "attention_entropy",
+    "balanced_mass_exhaustive",
+    "balanced_mass_factor",
+    "balanced_mass_greedy",
+    "softmax_jacobian_norm",
+]
+
+#: Largest ``exact_top`` accepted by :func:`balanced_mass_factor` (it enumerates ``2**(exact_top - 1)``
+#: masks).
+MAX_EXACT_TOP = 20
+#: Largest row length accepted by :func:`balanced_mass_exhaustive` (``2**24`` subsets per row).
+MAX_EXHAUSTIVE_LENGTH = 24
+#: Largest row length accepted by :func:`softmax_jacobian_norm` (``2**20`` sign vectors per row).
+MAX_JACOBIAN_LENGTH = 20
+
+# Tolerances of the input checks, by input dtype: a finite row must sum to 1 within ``sum``, and no entry may
+# be below ``-neg``. Half-precision softmax rows carry a relative rounding error of ~2**-9 per entry, hence
+# the looser values there.
+_SUM_TOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+_NEG_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+# Elements (rows x masks) handled at once by the bracket and by the brute-force references; bounds peak memory
+# to a few hundred MB of float64 temporaries.
+_BLOCK_ELEMENTS = 1 << 21
+
+_MASKS: dict[tuple[int, str, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+class ThetaBounds(NamedTuple):
+    """A certified bracket ``lower <= theta <= upper`` (same shape, one value per row).
+
+    Example:
+        >>> b = ThetaBounds(torch.tensor([0.9]), torch.tensor([1.0]))
+        >>> b.width, b.mid
+        (tensor([0.1000]), tensor([0.9500]))
+    """
+
+    lower: Tensor
+    upper: Tensor
+
+    @property
+    def width(self) -> Tensor:
+        """``upper - lower`` (0 where the value is exact, NaN for invalid rows)."""
+        return self.upper - self.lower
+
+    @property
+    def mid(self) -> Tensor:
+        """The bracket's midpoint, a point estimate within ``width / 2`` of the true value."""
+        return 0.5 * (self.lower + self.upper)
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    if not dtype.is_floating_point:
+        raise ValueError(f"probs must be a floating-point tensor, got dtype {dtype}")
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_shape(probs: Tensor, name: str = "probs") -> None:
+    if probs.ndim == 0:
+        raise ValueError(
+            f"{name} must have at least one dimension (the last one holds each row), got a 0-dim tensor"
+        )
+    if probs.shape[-1] == 0:
+        raise ValueError(
+            f"{name} has an empty last dimension (shape {tuple(probs.shape)}); rows need >= 1 entry"
+        )
+
+
+def _validate_rows(probs: Tensor) -> None:
+    """Raise ``ValueError`` for negative entries or finite rows that do not sum to 1 (one host sync)."""
+    sum_tol = _SUM_TOL.get(probs.dtype, 1e-3)
+    neg_tol = _NEG_TOL.get(probs.dtype, 1e-6)
+    x = probs.detach()
+    finite = torch.isfinite(x).all(dim=-1)
+    work = x if x.dtype == torch.float64 else x.float()
+    negative = ((work < -neg_tol).any(dim=-1)) & finite
+    off = (work.sum(dim=-1) - 1.0).abs()
+    off_sum = (off > sum_tol) & finite
+    flags = torch.stack([negative.any(), off_sum.any()]).tolist()  # the single host sync
+    if flags[0]:
+        bad = negative.nonzero()[0].tolist()
+        vmin = float(work[tuple(bad)].min())
+        raise ValueError(
+            f"probs has a negative entry {vmin:.3g} (tolerance -{neg_tol:g} for {probs.dtype}) "
+            f"in row {tuple(bad)}"
+        )
+    if flags[1]:
+        bad = off_sum.nonzero()[0].tolist()
+        total = float(work[tuple(bad)].sum())
+        raise ValueError(
+            f"probs row {tuple(bad)} sums to {total:.6g}, not 1 (tolerance {sum_tol:g} for {probs.dtype}); "
+            "pass probability rows (e.g. a softmax output), or validate=False to skip this check"
+        )
+
+
+def _normalised_rows(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Flatten to ``[N, L]`` float64 rows divided by their sums; non-finite or zero-sum rows become 0.
+
+    Returns ``(rows, ok)`` with ``ok`` a bool ``[N]`` marking the rows that were valid.
+    """
+    x = probs.detach().reshape(-1, probs.shape[-1]).to(torch.float64, copy=True)
+    finite = torch.isfinite(x.sum(dim=-1))  # a NaN or +-inf entry makes the raw sum non-finite
+    total = x.clamp_min_(0.0).sum(dim=-1, keepdim=True)  # tiny negative rounding noise -> 0
+    ok = finite & (total.squeeze(-1) > 0)
+    x.div_(total).masked_fill_(~ok.unsqueeze(-1), 0.0)
+    return x, ok
+
+
+def _half_masks(m: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Cached ``(-mask, 0.5)`` so that ``addmm(0.5, top[:, 1:], -mask)`` gives ``1/2 - s`` for every mask.
+
+    ``mask`` is the 0/1 matrix ``[m - 1, 2**(m - 1)]`` whose column ``j`` selects items 1..m-1 by the bits of
+    ``j``; ``0.5`` is a 0-dim tensor. Item 0 (the largest) is never selected: a subset and its complement
+    have the same ``|p(S) - 1/2|``, so the subsets without item 0 already reach the minimum.
+    """
+    key = (m, str(device), dtype)
+    cached = _MASKS.get(key)
+    if cached is None:
+        n = m - 1
+        codes = torch.arange(1 << n, device=device)
+        bits = torch.arange(n, device=device)
+        mask = -((codes.unsqueeze(0) >> bits.unsqueeze(1)) & 1).to(dtype)
+        cached = (mask.contiguous(), torch.tensor(0.5, dtype=dtype, device=device))
+        _MASKS[key] = cached
+    return cached
+
+
+def _bracket_block(rows: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Certified delta bounds ``[2, N]`` (high, low) and ``exact [N]`` for float64 rows ``[N, L]`` of sum 1.
+
+    All-zero rows are allowed (their result is discarded). ``rows`` is overwritten (top-m entries zeroed).
+    """
+    n_rows, n_keys = rows.shape
+    top, idx = torch.topk(rows, m, dim=-1)  # sorted descending
+    pmax = top[:, 0]
+    # t = 1/2 - s for the subset sums s of the top m (item 0 excluded, see _half_masks): one addmm.
+    neg_mask, half = _half_masks(m, rows.device, rows.dtype)
+    target = torch.addmm(half, top[:, 1:], neg_mask)
+    # The tail in index order; its prefix sums are a staircase 0 = c_0 <= ... <= c_L = T with steps at most
+    # the m-th largest entry. Sentinels -4 and 4 at both ends spare the index clamps below.
+    tail = rows.scatter_(-1, idx, 0.0)
+    stairs = torch.empty(n_rows, n_keys + 3, dtype=rows.dtype, device=rows.device)
+    stairs[:, 0] = -4.0
+    stairs[:, 1] = 0.0
+    stairs[:, -1] = 4.0
+    torch.cumsum(tail, dim=-1, out=stairs[:, 2:-1])
+    tail_mass = stairs[:, -2]
+    # Upper bound on theta: at best the tail adds any amount in [0, T], and dist(1/2, [s, s + T]) =
+    # max(|t - T/2| - T/2, 0). (In-place ops below: fewer [N, 2**(m-1)] allocations.)
+    half_t = 0.5 * tail_mass
+    delta_low = ((target - half_t.unsqueeze(-1)).abs_().amin(dim=-1) - half_t).clamp_min_(0.0)
+    # Lower bound on theta: the stair nearest to t completes a real subset. searchsorted gives
+    # stairs[j - 1] < t <= stairs[j] (t is in [-1/2, 1/2], inside the sentinels).
+    j = torch.searchsorted(stairs, target)
+    above = stairs.gather(-1, j).sub_(target)
+    below = torch.sub(target, stairs.gather(-1, j.sub_(1)))
+    err = torch.minimum(above, below, out=above).amin(dim=-1)
+    # Floor: putting items one by one into the lighter half leaves halves within p_max of each other.
+    delta_high = torch.minimum(err, 0.5 * pmax)
+    peaked = pmax >= 0.5
+    exact = peaked | (tail_mass == 0)
+    delta_exact = torch.where(peaked, pmax - 0.5, delta_low)
+    # Float64 rounding of the normalisation, the matmul and the cumsum: each computed sum is within
+    # (L + m + 4) * 2**-53 of its exact value (all partial sums are <= 1). Widen inexact brackets by
+    # twice that.
+    tol = 2.0 * (n_keys + m + 4) * torch.finfo(torch.float64).eps
+    delta = torch.stack([delta_high.add_(tol), delta_low.sub_(tol)])
+    delta = torch.where(exact, delta_exact, delta).clamp_(0.0, 0.5)
+    return delta, exact
+
+
+def balanced_mass_factor(probs: Tensor, *, exact_top: int = 10, validate: bool = True) -> ThetaBounds:
+    """Certified bracket ``[lower, upper]`` on the balanced-mass factor theta of every row.
+
+    The ``m = min(exact_top, L)`` largest entries are enumerated exactly (``2**(m-1)`` subset sums, one
+    matmul); the remaining tail of mass ``T`` is treated as "fill anything in [0, T]" for the upper bound and
+    as a staircase of its index-order prefix sums (steps at most the m-th largest entry) for the lower bound,
+    which is therefore attained by a real subset. ``1 - p_max**2`` is also a lower bound. The width is at most
+    about the square of the m-th largest entry.
+
+    Exact (``lower == upper``) when the row's support is at most ``exact_top`` or ``max(p) >= 1/2``.
+    The arithmetic runs in float64 whatever the input dtype. Inexact brackets are widened by
+    ``2 (L + m + 4) 2**-53`` in delta (float64 rounding) and, for float32 output, moved outward by ``2**-25``
+    before the cast, so they contain the exact-arithmetic theta of the input's values; exact rows match it to
+    float64 rounding and are then rounded to nearest. Rows are divided by their own sum first.
+    Cost: one ``topk`` + one ``cumsum`` over ``[N, L]`` and ``N * 2**(m-1)`` binary searches (no sort);
+    memory ~``N * 2**(m-1)`` float64 temporaries, processed in blocks of ``2**21`` elements.
+
+    Args:
+        probs: ``[..., L]`` probability rows (any float dtype, any device).
+        exact_top: how many of the largest entries to enumerate exactly (1..20).
+        validate: check the input and raise ``ValueError`` on negative entries (below ``-1e-6`` for float32,
+            ``-1e-12`` float64, ``-1e-3`` half types) or finite rows whose sum is off 1 by more than ``1e-3``
+            (float32), ``1e-6`` (float64) or ``2e-2`` (float16/bfloat16). Costs one host sync; ``False``
+            skips it.
+
+    Returns:
+        ThetaBounds of shape ``probs.shape[:-1]``, float32 (float64 for float64 input). Rows with a non-finite
+        entry (or, when not validated, a zero sum) give NaN in both bounds.
+
+    Example:
+        >>> b = balanced_mass_factor(torch.tensor([[0.4, 0.1, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1]]))
+        >>> b.lower, b.upper
+        (tensor([1.0000, 0.8400]), tensor([1.0000, 0.8400]))
+    """
+    out_dtype = _out_dtype(probs.dtype)
+    _check_shape(probs)
+    if isinstance(exact_top, bool) or not isinstance(exact_top, int) or not 1 <= exact_top <= MAX_EXACT_TOP:
+        raise ValueError(f"exact_top must be an int in [1, {MAX_EXACT_TOP}], got {exact_top!r}")
+    if validate:
+        _validate_rows(probs)
+    batch_shape = probs.shape[:-1]
+    n_keys = probs.shape[-1]
+    m = min(exact_top, n_keys)
+    rows, ok = _normalised_rows(probs)
+    n_rows = rows.shape[0]
+    chunk = max(1, _BLOCK_ELEMENTS >> (m - 1))
+    if n_rows <= chunk:
+        delta, exact = _bracket_block(rows, m)
+    else:
+        parts = [_bracket_block(rows[i : i + chunk], m) for i in range(0, n_rows, chunk)]
+        delta = torch.cat([d for d, _ in parts], dim=1)
+        exact = torch.cat([e for _, e in parts])
+    theta = delta.square_().mul_(-4.0).add_(1.0)  # [2, N]: lower, upper
+    if out_dtype != torch.float64:
+        # Round outward: moving an inexact bound by half a float32 ulp at 1 (2**-25) before the cast to
+        # nearest keeps lower <= its float64 value <= upper for all values in [0, 1]. Exact rows: to nearest.
+        shift = torch.where(exact, 0.0, 2.0**-25)
+        theta[0].sub_(shift)
+        theta[1].add_(shift)
+    theta = theta.to(out_dtype).clamp_(0.0, 1.0)
+    theta = torch.where(ok, theta, torch.full((), float("nan"), dtype=out_dtype, device=theta.device))
+    lower, upper = theta.reshape(2, *batch_shape).unbind(0)
+    return ThetaBounds(lower, upper)
+
+
+def balanced_mass_greedy(probs: Tensor) -> Tensor:
+    """The paper's sorted-prefix heuristic: theta of the descending-sorted prefix whose mass is nearest 1/2.
+
+    Kept only for comparison: it is a lower bound on theta (a real subset), not the value. On
+    ``(0.4, 0.1, 0.4, 0.1)`` it gives 0.96 while theta is 1.
+
+    Args:
+        probs: ``[..., L]`` probability rows (normalised by their sums; no validation).
+
+    Returns:
+        ``probs.shape[:-1]``, float32 (float64 for float64 input); NaN for non-finite rows.
+
+    Example:
+        >>> balanced_mass_greedy(torch.tensor([0.4, 0.1, 0.4, 0.1]))
+        tensor(0.9600)
+    """
+    dtype = _out_dtype(probs.dtype)
+    _check_shape(probs)
+    x = probs.detach().to(dtype).clamp_min(0.0)
+    x = x / x.sum(dim=-1, keepdim=True)
+    prefix = torch.cumsum(torch.sort(x, dim=-1, descending=True).values, dim=-1)
+    delta = (prefix - 0.5).abs().amin(dim=-1)
+    return (1.0 - 4.0 * delta.square()).clamp(0.0, 1.0)
+
+
+def _min_distance_to_half(rows: Tensor) -> Tensor:
+    """``min_S |p(S) - 1/2|`` over all ``2**L`` subsets of each float64 row ``[N, L]``, by brute force.
+
+    Every subset sum is formed explicitly as ``low + high`` with ``low`` the subset sums of the first
+    ``L // 2`` entries and ``high`` those of the rest, in blocks that bound memory.
+    """
+    n_rows, n_keys = rows.shape
+    n_low = n_keys // 2
+
+    def subset_sums(part: Tensor) -> Tensor:
+        k = part.shape[-1]
+        codes = torch.arange(1 << k, device=part.device)
+        bits = ((codes.unsqueeze(0) >> torch.arange(k, device=part.device).unsqueeze(1)) & 1).to(part.dtype)
+        return part @ bits  # [N, 2**k]
+
+    low = subset_sums(rows[:, :n_low])
+    high = subset_sums(rows[:, n_low:])
+    per_row = low.shape[-1] * high.shape[-1]
+    best = torch.full((n_rows,), float("inf"), dtype=rows.dtype, device=rows.device)
+    if per_row <= _BLOCK_ELEMENTS:
+        step = max(1, _BLOCK_ELEMENTS // per_row)
+        for i in range(0, n_rows, step):
+            d = (low[i : i + step, :, None] + high[i : i + step, None, :] - 0.5).abs()
+            best[i : i + step] = d.flatten(1).amin(dim=-1)
+    else:
+        step = max(1, _BLOCK_ELEMENTS // low.shape[-1])
+        for i in range(n_rows):
+            for h in range(0, high.shape[-1], step):
+                d = (low[i, :, None] + high[i, None, h : h + step] - 0.5).abs().amin()
+                best[i] = torch.minimum(best[i], d)
+    return best
+
+
+def balanced_mass_exhaustive(probs: Tensor) -> Tensor:
+    """Reference theta by enumerating all ``2**L`` subsets in float64 (``L <= 24``).
+
+    Args:
+        probs: ``[..., L]`` rows (normalised by their sums in float64; no validation).
+
+    Returns:
+        ``probs.shape[:-1]``, float64; NaN for rows with a non-finite entry or a zero sum.
+
+    Example:
+        >>> balanced_mass_exhaustive(torch.tensor([0.4, 0.1, 0.4, 0.1]))
+        tensor(1., dtype=torch.float64)
+    """
+    _out_dtype(probs.dtype)
+    _check_shape(probs)
+    n_keys = probs.shape[-1]
+    if n_keys > MAX_EXHAUSTIVE_LENGTH:
+        raise ValueError(
+            f"balanced_mass_exhaustive enumerates 2**L subsets and accepts L <= {MAX_EXHAUSTIVE_LENGTH}, got "
+            f"L = {n_keys}; use balanced_mass_factor for long rows"
+        )
+    rows, ok = _normalised_rows(probs)
+    delta = _min_distance_to_half(rows)
+    theta = (1.0 - 4.0 * delta.square()).clamp(0.0, 1.0)
+    theta = torch.where(ok, theta, torch.full((), float("nan"), dtype=theta.dtype, device=theta.device))
+    return theta.reshape(probs.shape[:-1])
+
+
+def softmax_jacobian_norm(probs: Tensor, tau: float = 1.0) -> Tensor:
+    """Exact ``l_inf -> l_1`` norm of the softmax Jacobian ``J = (Diag(p) - p p^T) / tau``, by brute force.
+
+    Evaluates ``max ||J x||_1`` over every sign vector ``x`` in ``{-1, +1}^L`` (the vertices of the l_inf
+    ball, where a convex function reaches its maximum; ``x`` and ``-x`` give the same value, so half are
+    enumerated), in float64 and for ``L <= 20``. ``p`` is used as given, not normalised; Theorem 4.2
+    (``= theta(p) / tau``) needs rows on the simplex. Independent of the subset-sum code, so tests can check
+    one against the other.
+
+    Args:
+        probs: ``[..., L]`` rows.
+        tau: softmax temperature, > 0.
+
+    Returns:
+        ``probs.shape[:-1]``, float64.
+
+    Example:
+        >>> softmax_jacobian_norm(torch.tensor([0.4, 0.1, 0.4, 0.1]), tau=2.0)
+        tensor(0.5000, dtype=torch.float64)
+    """
+    _out_dtype(probs.dtype)
+    _check_shape(probs)
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    n_keys = probs.shape[-1]
+    if n_keys > MAX_JACOBIAN_LENGTH:
+        raise ValueError(
+            f"softmax_jacobian_norm enumerates 2**L sign vectors and accepts L <= {MAX_JACOBIAN_LENGTH}, "
+            f"got L = {n_keys}"
+        )
+    p = probs.detach().reshape(-1, n_keys).to(torch.float64)
+    jac = (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / tau  # [N, L, L]
+    # Sign vectors with x_0 = +1; the other half is their negation.
+    n_free = n_keys - 1
+    codes = torch.arange(1 << n_free, device=p.device)
+    free = 1.0 - 2.0 * ((codes.unsqueeze(1) >> torch.arange(n_free, device=p.device)) & 1).to(torch.float64)
+    signs = torch.cat([torch.ones(free.shape[0], 1, dtype=torch.float64, device=p.device), free], dim=1)
+    best = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
+    k_step = min(signs.shape[0], max(1, _BLOCK_ELEMENTS // n_keys))
+    r_step = max(1, _BLOCK_ELEMENTS // (k_step * n_keys))
+    for r in range(0, p.shape[0], r_step):
+        for k in range(0, signs.shape[0], k_step):
+            jx = torch.einsum("nij,kj->nki", jac[r : r + r_step], signs[k : k + k_step])  # [n, K, L]
+            best[r : r + r_step] = torch.maximum(best[r : r + r_step], jx.abs().sum(dim=-1).amax(dim=-1))
+    return best.reshape(probs.shape[:-1])
+
+
+def attention_entropy(probs: Tensor) -> Tensor:
+    """Shannon entropy ``-sum p log p`` of each row in nats, with ``0 log 0 = 0`` (no normalisation).
+
+    Args:
+        probs: ``[..., L]`` probability rows.
+
+    Returns:
+        ``probs.shape[:-1]``, float32 (float64 for float64 input); NaN for rows with a NaN entry.
+
+    Example:
+        >>> attention_entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+        tensor([0.6931, 0.0000])
+    """
+    dtype = _out_dtype(probs.dtype)
+    _check_shape(probs)
+    return torch.special.entr(probs.detach().to(dtype)).sum(dim=-1)

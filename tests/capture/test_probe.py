@@ -1,0 +1,433 @@
+"""AttentionProbe core: SDPA semantics, sampling, discovery, hook hygiene, RNG isolation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tests.capture.conftest import NanoGPT, sdpa_probs
+from thetascope.capture import AttentionAdapter, AttentionProbe, ProjectionWeights, register_adapter
+from thetascope.capture.adapters import registered_adapters, unregister_adapter
+from thetascope.functional.theta import balanced_mass_factor
+
+
+class KernelAttention(nn.Module):
+    """Hand-written attention calling SDPA with configurable arguments (k/v may come from a memory)."""
+
+    def __init__(self, d: int = 16, n_head: int = 4, n_kv: int | None = None, **sdpa_kw: Any) -> None:
+        super().__init__()
+        self.n_head = n_head
+        n_kv = n_kv or n_head
+        hd = d // n_head
+        self.q_proj, self.o_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.k_proj, self.v_proj = nn.Linear(d, n_kv * hd), nn.Linear(d, n_kv * hd)
+        self.sdpa_kw = sdpa_kw
+        self.last: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor, mem: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        mem = x if mem is None else mem
+        b, lq, d = x.shape
+        q = self.q_proj(x).view(b, lq, self.n_head, -1).transpose(1, 2)
+        k = self.k_proj(mem).view(b, mem.shape[1], -1, q.shape[-1]).transpose(1, 2)
+        v = self.v_proj(mem).view(b, mem.shape[1], -1, q.shape[-1]).transpose(1, 2)
+        self.last = {"q": q.detach(), "k": k.detach()}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **self.sdpa_kw)
+        return self.o_proj(y.transpose(1, 2).reshape(b, lq, d))
+
+
+def _check_against_torch(module: KernelAttention, x: Tensor, mem: Tensor | None, mask: Tensor | None) -> Any:
+    probe = AttentionProbe(module, rows_per_head=None)
+    with torch.no_grad(), probe.capture():
+        module(x, mem, mask)
+    rec = probe.layers[0]
+    kw = {k: v for k, v in module.sdpa_kw.items() if k != "dropout_p"}
+    probs = sdpa_probs(module.last["q"], module.last["k"], attn_mask=mask, **kw)
+    want = balanced_mass_factor(probs.double(), validate=False)
+    assert rec.theta is not None
+    finite = torch.isfinite(rec.theta.upper)
+    torch.testing.assert_close(rec.theta.upper[finite].double(), want.upper[finite], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rec.theta.lower[finite].double(), want.lower[finite], atol=1e-5, rtol=0)
+    return rec, probs
+
+
+@pytest.mark.parametrize(
+    ("lq", "lk", "kw"),
+    [
+        (7, 7, {"is_causal": True}),
+        (4, 9, {"is_causal": True}),  # torch aligns the causal mask top-left when Lq != Lk
+        (9, 4, {"is_causal": True}),
+        (6, 6, {"scale": 0.9}),
+        (5, 8, {}),
+    ],
+)
+def test_sdpa_semantics_match_torch(lq: int, lk: int, kw: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    m = KernelAttention(**kw)
+    with torch.no_grad():
+        m.q_proj.weight.mul_(6)
+    x, mem = torch.randn(2, lq, 16), torch.randn(2, lk, 16)
+    rec, _probs = _check_against_torch(m, x, mem, None)
+    assert int(rec.n_masked_rows) == 0
+    assert rec.theta.upper.isfinite().all()
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "bool_2d"])
+def test_sdpa_masks_and_fully_masked_rows(kind: str) -> None:
+    torch.manual_seed(1)
+    m = KernelAttention()
+    x = torch.randn(2, 6, 16)
+    keep = torch.rand(2, 1, 6, 6) > 0.4
+    keep[..., 0] = True
+    keep[1, 0, 3] = False  # one fully masked query row in batch item 1 (all heads)
+    if kind == "bool":
+        mask: Tensor = keep
+    elif kind == "additive":
+        mask = torch.zeros(2, 1, 6, 6).masked_fill(~keep, float("-inf")) + 0.3 * torch.randn(2, 1, 6, 6)
+    else:
+        keep = torch.rand(6, 6) > 0.3
+        keep[:, 0] = True
+        keep[2] = False
+        mask = keep
+    rec, _ = _check_against_torch(m, x, None, mask)
+    n_rows_masked = 4 if kind != "bool_2d" else 2 * 4
+    assert int(rec.n_masked_rows) == n_rows_masked
+    assert int(torch.isnan(rec.theta.upper).sum()) == n_rows_masked
+    assert int(rec.n_nonfinite_rows) == 0
+
+
+def test_sdpa_gqa() -> None:
+    torch.manual_seed(2)
+    m = KernelAttention(d=32, n_head=4, n_kv=2, enable_gqa=True, is_causal=True)
+    rec, _ = _check_against_torch(m, torch.randn(2, 7, 32), None, None)
+    w = rec.weights()
+    assert (w.n_heads, w.n_kv_heads, w.head_dim) == (4, 2, 8)
+    assert w.per_head()["k"].shape == (2, 8, 32)
+
+
+def test_nonfinite_rows_are_counted_not_crashing() -> None:
+    torch.manual_seed(3)
+    m = KernelAttention(is_causal=True)
+    x = torch.randn(2, 5, 16)
+    x[1, 2] = float("nan")
+    probe = AttentionProbe(m, rows_per_head=None)
+    with torch.no_grad(), probe.capture():
+        m(x)
+    rec = probe.layers[0]
+    # item 1: rows 2..4 see the NaN key; row 2 also has a NaN query
+    assert int(rec.n_nonfinite_rows) == 3 * 4
+    assert rec.theta.upper[0].isfinite().all()
+    assert torch.isnan(rec.theta.upper[1, :, 2:]).all()
+    assert rec.theta.upper[1, :, :2].isfinite().all()
+
+
+def test_sampling_is_deterministic_and_respects_options(nanogpt: Callable[..., NanoGPT]) -> None:
+    model = nanogpt(n_layer=3).eval()
+    x = torch.randint(0, 50, (4, 12))
+
+    def run(**kw: Any) -> AttentionProbe:
+        probe = AttentionProbe(model, **kw)
+        with torch.no_grad(), probe.capture():
+            model(x)
+        return probe
+
+    a, b = run(rows_per_head=5, seed=7), run(rows_per_head=5, seed=7)
+    for ra, rb in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(ra.query_positions, rb.query_positions)
+        torch.testing.assert_close(ra.theta.upper, rb.theta.upper, equal_nan=True)
+        pos = ra.query_positions
+        assert pos.shape == (4, 4, 5)
+        assert bool((pos.diff(dim=-1) > 0).all())  # distinct, sorted
+    c = run(rows_per_head=5, seed=8)
+    assert not torch.equal(a.layers[0].query_positions, c.layers[0].query_positions)
+    d = run(rows_per_head=3, heads=[1, 3], batch_size=2, layers=[0, "transformer.h.2.attn"])
+    assert [r.name for r in d.layers] == ["transformer.h.0.attn", "transformer.h.2.attn"]
+    assert [r.index for r in d.layers] == [0, 2]
+    assert d.layers[0].theta.upper.shape == (2, 2, 3)
+    assert d.layers[0].head_index.tolist() == [1, 3]
+    # the sampled rows of selected heads equal the same rows measured with every row
+    full = run(rows_per_head=None)
+    rec, ref = d.layers[1], full.layers[2]
+    want = ref.theta.upper[:2][:, [1, 3]].gather(2, rec.query_positions)
+    torch.testing.assert_close(rec.theta.upper, want)
+
+
+def test_invalid_arguments() -> None:
+    model = NanoGPT()
+    for kw in (
+        {"rows_per_head": 0},
+        {"batch_size": 0},
+        {"exact_top": 0},
+        {"heads": 0},
+        {"heads": [9]},
+        {"layers": [5]},
+        {"layers": ["nope"]},
+    ):
+        with pytest.raises(ValueError):
+            AttentionProbe(model, **kw)  # type: ignore[arg-type]
+    probe = AttentionProbe(model)
+    for tau in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tau"):
+            probe.set_temperature(tau)
+
+
+def test_no_attention_raises_with_guidance() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"(?s)no attention module.*Linear.*register_adapter"):
+        AttentionProbe(model)
+
+
+class OddAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def test_unsupported_attention_warns_once() -> None:
+    model = nn.ModuleDict({"a": OddAttention(), "b": OddAttention(), "c": KernelAttention()})
+    with pytest.warns(UserWarning, match="no attention adapter") as record:
+        probe = AttentionProbe(model)
+    msgs = [str(w.message) for w in record if "no attention adapter" in str(w.message)]
+    assert len(msgs) == 1
+    assert "a (OddAttention)" in msgs[0]
+    assert "b (OddAttention)" in msgs[0]
+    assert "register_adapter" in msgs[0]
+    assert [r.name for r in probe.layers] == ["c"]
+
+
+def test_registered_adapter_wins_and_shared_qk() -> None:
+    class SharedQK(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qk, self.v, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            qk = self.qk(x).view(1, -1, 2, 4).transpose(1, 2)
+            v = self.v(x).view(1, -1, 2, 4).transpose(1, 2)
+            return self.o(F.scaled_dot_product_attention(qk, qk, v).transpose(1, 2).reshape(1, -1, 8))
+
+    @register_adapter
+    class SharedAdapter(AttentionAdapter):
+        kind, route = "shared", "sdpa"
+
+        @classmethod
+        def matches(cls, module: nn.Module) -> bool:
+            return isinstance(module, SharedQK)
+
+        def __init__(self, module: nn.Module, name: str) -> None:
+            super().__init__(module, name)
+            self.n_heads = self.n_kv_heads = 2
+            self.head_dim = 4
+
+        def projection_weights(self) -> ProjectionWeights:
+            m = self.module
+            w = m.qk.weight.detach()
+            return ProjectionWeights(w, w, m.v.weight.detach(), m.o.weight.detach(), 2, 2, 4)
+
+    try:
+        assert (
+            registered_adapters()[0] is SharedAdapter
+            or SharedAdapter.priority <= registered_adapters()[0].priority
+        )
+        model = nn.ModuleList([SharedQK()])
+        probe = AttentionProbe(model, rows_per_head=None)
+        with probe.capture():
+            model[0](torch.randn(1, 5, 8))
+        rec = probe.layers[0]
+        assert rec.kind == "shared"
+        assert rec.path_length_m == 3
+        assert rec.weights().shared_qk
+        assert rec.theta.upper.shape == (1, 2, 5)
+    finally:
+        unregister_adapter(SharedAdapter)
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_nothing_installed_outside_capture_and_outputs_bitwise(nanogpt: Callable[..., NanoGPT]) -> None:
+    for flash in (True, False):
+        model = nanogpt(flash=flash).eval()
+        x = torch.randint(0, 50, (2, 9))
+        y0 = model(x)
+        probe = AttentionProbe(model, rows_per_head=3)
+        assert _hook_count(model) == 0
+        assert not probe.is_installed
+        with probe.capture():
+            assert _hook_count(model) > 0
+            y1 = model(x)
+        assert _hook_count(model) == 0
+        assert torch.equal(y0, y1)  # measuring at tau == 1 leaves the forward bitwise unchanged
+        assert torch.equal(model(x), y0)
+        probe.set_temperature(2.0)
+        assert _hook_count(model) > 0
+        with probe.capture():
+            model(x)
+        assert _hook_count(model) > 0  # the temperature keeps its hooks after a capture
+        probe.set_temperature(1.0)
+        assert _hook_count(model) == 0
+        assert torch.equal(model(x), y0)
+
+        # an exception inside the forward still pops the kernel mode and removes the hooks
+        def boom(m: nn.Module, a: Any, out: Tensor) -> None:
+            raise RuntimeError("boom")
+
+        bad = model.transformer.h[1].attn.c_proj.register_forward_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"), probe.capture():
+            model(x)
+        bad.remove()
+        assert _hook_count(model) == 0
+        assert torch.equal(model(x), y0)
+        assert torch._C._len_torch_function_stack() == 0
+
+
+def test_capture_leaves_global_rng_and_dropout_stream_alone(nanogpt: Callable[..., NanoGPT]) -> None:
+    model = nanogpt(dropout=0.2, n_layer=2).train()
+    x = torch.randint(0, 50, (2, 12))
+    torch.manual_seed(123)
+    y0 = model(x)
+    state0 = torch.get_rng_state()
+    probe = AttentionProbe(model, rows_per_head=4)
+    torch.manual_seed(123)
+    with probe.capture():
+        y1 = model(x)
+    assert torch.equal(torch.get_rng_state(), state0)
+    assert torch.equal(y0, y1)
+
+
+def test_residual_and_input_norms(nanogpt: Callable[..., NanoGPT]) -> None:
+    model = nanogpt(post_ln=False).eval()
+    x = torch.randint(0, 50, (2, 8))
+    ins: list[Tensor] = []
+    att_in: list[Tensor] = []
+    hs = [b.register_forward_pre_hook(lambda m, a: ins.append(a[0])) for b in model.transformer.h]
+    hs += [b.attn.register_forward_pre_hook(lambda m, a: att_in.append(a[0])) for b in model.transformer.h]
+    probe = AttentionProbe(model)
+    with torch.no_grad(), probe.capture():
+        model(x)
+    for h in hs:
+        h.remove()
+    for rec, r, u in zip(probe.layers, ins, att_in, strict=True):
+        assert rec.block_name == rec.name.rsplit(".", 1)[0]
+        assert rec.norm_placement == "pre"
+        torch.testing.assert_close(rec.residual_max_norm, torch.linalg.vector_norm(r, dim=-1).max())
+        torch.testing.assert_close(rec.attn_input_max_norm, torch.linalg.vector_norm(u, dim=-1).max())
+    post = nanogpt(post_ln=True).eval()
+    probe = AttentionProbe(post)
+    with torch.no_grad(), probe.capture():
+        post(x)
+    assert [r.norm_placement for r in probe.layers] == ["post", "post"]
+    lone = nn.ModuleDict({"attn": KernelAttention()})
+    probe = AttentionProbe(lone)
+    with probe.capture():
+        lone["attn"](torch.randn(1, 4, 16))
+    assert probe.layers[0].residual_max_norm is None
+    assert probe.layers[0].norm_placement == "none"
+
+
+def test_softmax_route_hand_written(nanogpt: Callable[..., NanoGPT]) -> None:
+    """nanoGPT's manual path (masked_fill -inf + F.softmax) against an independent recomputation."""
+    model = nanogpt(flash=False).eval()
+    with torch.no_grad():
+        for b in model.transformer.h:
+            b.attn.c_attn.weight.mul_(8)
+    x = torch.randint(0, 50, (2, 10))
+    u_in: list[Tensor] = []
+    hs = [b.attn.register_forward_pre_hook(lambda m, a: u_in.append(a[0])) for b in model.transformer.h]
+    probe = AttentionProbe(model, rows_per_head=None)
+    with torch.no_grad(), probe.capture():
+        model(x)
+    for h in hs:
+        h.remove()
+    for rec, u, blk in zip(probe.layers, u_in, model.transformer.h, strict=True):
+        q, k, _ = blk.attn.c_attn(u).split(32, dim=2)
+        q = q.view(2, 10, 4, 8).transpose(1, 2)
+        k = k.view(2, 10, 4, 8).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+        logits = logits.masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
+        want = balanced_mass_factor(torch.softmax(logits.double(), -1), validate=False)
+        torch.testing.assert_close(rec.theta.upper.double(), want.upper, atol=1e-5, rtol=0)
+        assert rec.kind == "nanogpt"
+
+
+def test_generic_matching_is_conservative() -> None:
+    class NoKernel(nn.Module):  # right attributes, but never calls an attention kernel
+        def __init__(self) -> None:
+            super().__init__()
+            self.n_head = 2
+            self.c_attn, self.c_proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.c_proj(self.c_attn(x)[..., :8])
+
+    class WrongShape(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n_head = 3
+            self.c_attn, self.c_proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.scaled_dot_product_attention(x, x, x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mod in (NoKernel(), WrongShape()):
+            with pytest.raises(ValueError):
+                AttentionProbe(nn.ModuleList([mod]))
+
+
+def test_failed_measurement_is_reported_once_and_training_goes_on(nanogpt: Callable[..., NanoGPT]) -> None:
+    model = nanogpt().eval()
+    x = torch.randint(0, 50, (2, 8))
+    y0 = model(x)
+    probe = AttentionProbe(model, rows_per_head=3)
+    real = probe._record
+
+    def flaky(ctx: Any, *args: Any) -> None:
+        if ctx.layer.index == 1:
+            raise RuntimeError("synthetic failure")
+        real(ctx, *args)
+
+    probe._record = flaky  # type: ignore[method-assign]
+    probe.set_temperature(2.0)
+
+    def measure() -> Tensor:
+        with probe.capture():
+            return model(x)  # type: ignore[no-any-return]
+
+    with pytest.warns(UserWarning, match=r"transformer\.h\.1\.attn.*synthetic failure") as record:
+        y = measure()
+    y = measure()  # no second warning
+    assert len([w for w in record if "synthetic" in str(w.message)]) == 1
+    assert probe.layers[1].disabled
+    assert probe.layers[1].theta is None
+    assert probe.layers[0].n_captures == 2
+    probe.set_temperature(1.0)
+    with probe.temperature_active(2.0):
+        torch.testing.assert_close(model(x), y)  # the temperature was applied on the failing layer too
+    assert torch.equal(model(x), y0)
+    strict = AttentionProbe(model, strict=True)
+    strict._record = flaky  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="synthetic"), strict.capture():
+        model(x)
+
+
+def test_temperature_changed_inside_capture(nanogpt: Callable[..., NanoGPT]) -> None:
+    model = nanogpt().eval()
+    probe = AttentionProbe(model)
+    with probe.capture():
+        probe.set_temperature(2.0)
+    assert probe.is_installed  # tau != 1 keeps the hooks after the capture
+    with probe.capture():
+        probe.set_temperature(1.0)
+    assert not probe.is_installed

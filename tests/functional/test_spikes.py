@@ -1,0 +1,172 @@
+"""SpikeDetector against a plain-Python median/MAD reference, sync-freedom and exact state round trips."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from thetascope.functional.spikes import SpikeDetector
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    # these tensors are tiny; on a loaded 2-core machine intra-op threads spin against each other (10x slower)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SYNCING = {"item", "__bool__", "tolist", "cpu", "__float__", "__int__", "numpy"}
+
+
+class _SyncSpy(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in SYNCING:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _lower_median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[(len(s) - 1) // 2]  # torch.nanmedian returns the lower middle value
+
+
+class _Reference:
+    """Straightforward host implementation of the documented rule."""
+
+    def __init__(self, window: int, threshold: float, min_history: int) -> None:
+        self.hist: deque[float] = deque(maxlen=window)
+        self.threshold, self.min_history, self.n_finite = threshold, min_history, 0
+
+    def update(self, v: float) -> bool:
+        v32 = float(torch.tensor(v, dtype=torch.float32))
+        if not math.isfinite(v32):
+            return True
+        spike = False
+        if self.n_finite >= self.min_history:
+            med = _lower_median(list(self.hist))
+            mad = _lower_median([abs(x - med) for x in self.hist])
+            scale = max(mad, 1e-6 * abs(med))
+            spike = v32 - med > self.threshold * 1.4826 * scale
+        self.hist.append(v32)
+        self.n_finite += 1
+        return spike
+
+
+def _series(n: int, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    base = (2.0 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).tolist()
+    for i in range(7, n, 23):
+        base[i] += 5.0  # upward spikes
+    for i in range(11, n, 37):
+        base[i] -= 5.0  # drops are not spikes
+    base[40] = float("nan")
+    base[90] = float("inf")
+    base[91] = float("-inf")
+    for i in range(120, n):  # a lasting level shift
+        base[i] += 3.0
+    return base
+
+
+def test_decisions_match_reference() -> None:
+    values = _series(220, 0)
+    det, ref = SpikeDetector(window=30, threshold=4.0, min_history=10), _Reference(30, 4.0, 10)
+    got = [bool(det.update(torch.tensor(v))) for v in values]
+    expected = [ref.update(v) for v in values]
+    assert got == expected
+    assert sum(got) > 5
+    assert not got[11]
+    assert int(det.n_seen) == 220
+    assert int(det.n_nonfinite) == 3
+    assert int(det.n_spikes) == sum(expected)
+
+
+def test_nonfinite_are_flagged_and_not_inserted() -> None:
+    det = SpikeDetector(window=5, threshold=3.0, min_history=3)
+    for v in (1.0, 2.0):
+        det.update(torch.tensor(v))
+    before = det.buffer.clone()
+    assert bool(det.update(torch.tensor(float("nan"))))
+    assert bool(det.update(torch.tensor(float("inf"), dtype=torch.bfloat16)))
+    assert torch.equal(det.buffer.nan_to_num(-7), before.nan_to_num(-7))
+    assert int(det.n_finite) == 2
+    assert int(det.n_nonfinite) == 2
+    assert int(det.n_spikes) == 2
+    assert not bool(det.update(100.0))  # only 2 finite values of history < min_history=3: not yet judged
+
+
+def test_update_has_no_host_sync_and_returns_bool_scalar() -> None:
+    det = SpikeDetector(window=10, threshold=3.0, min_history=3)
+    values = torch.tensor([1.0, 1.1, 0.9, 1.0, 50.0, float("nan")])
+    with _SyncSpy() as spy:
+        flags = [det.update(v) for v in values]
+    assert spy.calls == []
+    assert all(f.dtype == torch.bool and f.shape == () for f in flags)
+    assert [bool(f) for f in flags] == [False, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("split", [5, 25, 70])
+def test_state_dict_round_trip_resumes_identically(split: int) -> None:
+    values = _series(160, 1)
+    a = SpikeDetector(window=20, threshold=3.5, min_history=8)
+    for v in values[:split]:
+        a.update(torch.tensor(v))
+    state = a.state_dict()
+    assert isinstance(state["pos"], int)
+    assert state["buffer"].device.type == "cpu"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    b = SpikeDetector()  # different settings: the state restores them
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert (b.window, b.threshold, b.min_history) == (20, 3.5, 8)
+    rest_a = [bool(a.update(torch.tensor(v))) for v in values[split:]]
+    rest_b = [bool(b.update(torch.tensor(v))) for v in values[split:]]
+    assert rest_a == rest_b
+    assert a.state_dict()["n_spikes"] == b.state_dict()["n_spikes"]
+    assert torch.equal(a.buffer.nan_to_num(-1), b.buffer.nan_to_num(-1))
+
+
+def test_load_state_dict_errors() -> None:
+    det = SpikeDetector(window=5, min_history=2)
+    state = det.state_dict()
+    with pytest.raises(ValueError, match="missing keys"):
+        det.load_state_dict({k: v for k, v in state.items() if k != "pos"})
+    with pytest.raises(ValueError, match="does not match window=6"):
+        det.load_state_dict({**state, "window": 6})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"window": 2}, "window must be an int >= 3"),
+        ({"window": 10.0}, "window must be an int >= 3"),
+        ({"threshold": 0.0}, "threshold must be a finite float > 0"),
+        ({"threshold": float("inf")}, "threshold must be a finite float > 0"),
+        ({"window": 10, "min_history": 11}, r"min_history must be an int in \[1, window=10\]"),
+        ({"min_history": 0}, r"min_history must be an int in \[1, window=100\]"),
+    ],
+)
+def test_validation(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SpikeDetector(**kwargs)
+
+
+def test_flat_history_ignores_rounding_noise_but_flags_real_jumps() -> None:
+    det = SpikeDetector(window=10, threshold=6.0, min_history=5)
+    for _ in range(6):
+        det.update(torch.tensor(3.0))
+    assert not bool(det.update(torch.tensor(3.0 + 1e-6)))
+    assert bool(det.update(torch.tensor(3.1)))

@@ -1,0 +1,1 @@
+"""Shared test helpers (DDP process groups, ...)."""
