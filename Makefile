@@ -40,18 +40,21 @@ ifndef SKIP_TIMM
 test: test-timm
 endif
 
+# Docstring examples run too; the timm one runs in the timm venv.
 test-main: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules tests src/thetascope \
+		--ignore=src/thetascope/capture/timm_vit.py
 
 test-timm: $(TIMM_STAMP)
-	$(TIMM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/capture/test_timm.py
+	$(TIMM_VENV)/bin/python -m pytest -q -p no:cacheprovider --doctest-modules tests/capture/test_timm.py \
+		src/thetascope/capture/timm_vit.py
 
 demo: $(STAMP)
 	$(BIN)/thetascope demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 
 bench: $(STAMP)

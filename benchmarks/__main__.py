@@ -1,4 +1,4 @@
-"""Run every ``benchmarks/bench_*.py`` module's ``main()`` in name order, or only those named on the command line.
+"""Run every ``benchmarks/bench_*.py`` module's ``main()`` in name order, or only those named as arguments.
 
 Each benchmark prints its own table of side-by-side measurements (ratios measured in the same run).
 """

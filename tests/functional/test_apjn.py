@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
 from thetascope.functional.apjn import averaged_partial_jacobian_norm, averaged_partial_jacobian_norm_exact
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # these tensors are tiny; on a loaded 2-core machine intra-op threads spin against each other (10x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dense_jacobian(fn: object, h0: torch.Tensor) -> torch.Tensor:

@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from tests.helpers.sync import SyncSpy
 from thetascope.functional.gradients import (
     grad_norms_by_group,
     gradient_pathology,
     group_parameters_by_layer,
     layer_index_of,
 )
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # these tensors are tiny; on a loaded 2-core machine intra-op threads spin against each other (10x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-SYNCING = {"item", "__bool__", "tolist", "cpu", "__float__", "__int__", "numpy"}
-
-
-class _SyncSpy(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in SYNCING:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
@@ -172,7 +148,7 @@ def test_grad_norms_without_any_gradient_and_without_sync() -> None:
     assert per.tolist() == [0.0, 0.0]
     assert float(total) == 0.0
     groups, other = _params_with_grads(3)
-    with _SyncSpy() as spy:
+    with SyncSpy() as spy:
         per, total = grad_norms_by_group(groups, other=other)
         stats = gradient_pathology(per)
     assert spy.calls == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from thetascope.functional.sensitivity import (
     sensitivity_proxy,
 )
 from thetascope.functional.spectral import head_slices
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # these tensors are tiny; on a loaded 2-core machine intra-op threads spin against each other (10x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def theta_bruteforce(rows: torch.Tensor) -> torch.Tensor:

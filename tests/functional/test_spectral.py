@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
+from tests.helpers.sync import SyncSpy
 from thetascope.functional import spectral
 from thetascope.functional.spectral import SpectralNormEstimator, head_slices, power_iteration
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # these tensors are tiny; on a loaded 2-core machine intra-op threads spin against each other (10x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-SYNCING = {"item", "__bool__", "tolist", "cpu", "__float__", "__int__", "numpy"}
-
-
-class _SyncSpy(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in SYNCING:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def trained_like(n: int, m: int, k: int, *, seed: int, decay: float = 0.8, rank: int = 8) -> torch.Tensor:
@@ -223,7 +198,7 @@ def test_estimator_warm_call_has_no_host_sync(stack: bool) -> None:
     ws = {"a": torch.randn(8, 6), "h": torch.randn(2, 8, 6), "b": torch.randn(8, 6, dtype=torch.bfloat16)}
     est = SpectralNormEstimator(stack=stack)
     est(ws)
-    with _SyncSpy() as spy:
+    with SyncSpy() as spy:
         est(ws)
     assert spy.calls == []
 

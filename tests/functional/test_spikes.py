@@ -5,37 +5,13 @@ from __future__ import annotations
 import io
 import math
 from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
+from tests.helpers.sync import SyncSpy
 from thetascope.functional.spikes import SpikeDetector
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # these tensors are tiny; on a loaded 2-core machine intra-op threads spin against each other (10x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-SYNCING = {"item", "__bool__", "tolist", "cpu", "__float__", "__int__", "numpy"}
-
-
-class _SyncSpy(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in SYNCING:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def _lower_median(values: list[float]) -> float:
@@ -110,7 +86,7 @@ def test_nonfinite_are_flagged_and_not_inserted() -> None:
 def test_update_has_no_host_sync_and_returns_bool_scalar() -> None:
     det = SpikeDetector(window=10, threshold=3.0, min_history=3)
     values = torch.tensor([1.0, 1.1, 0.9, 1.0, 50.0, float("nan")])
-    with _SyncSpy() as spy:
+    with SyncSpy() as spy:
         flags = [det.update(v) for v in values]
     assert spy.calls == []
     assert all(f.dtype == torch.bool and f.shape == () for f in flags)
