@@ -431,3 +431,26 @@ def test_temperature_changed_inside_capture(nanogpt: Callable[..., NanoGPT]) -> 
     with probe.capture():
         probe.set_temperature(1.0)
     assert not probe.is_installed
+
+
+def test_state_dict_resumes_row_sampling() -> None:
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    x = torch.randn(2, 12, 16)
+    first = AttentionProbe(model, rows_per_head=3, seed=5)
+    for _ in range(3):
+        with first.capture():
+            model(x)
+    state = first.state_dict()
+    with first.capture():
+        model(x)
+    expected = first.layers[0].query_positions.clone()
+    resumed = AttentionProbe(model, rows_per_head=3, seed=5)
+    resumed.load_state_dict(state)
+    with resumed.capture():
+        model(x)
+    assert torch.equal(resumed.layers[0].query_positions, expected)
+    fresh = AttentionProbe(model, rows_per_head=3, seed=5)
+    with fresh.capture():
+        model(x)
+    assert not torch.equal(fresh.layers[0].query_positions, expected)

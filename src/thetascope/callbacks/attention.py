@@ -549,15 +549,11 @@ class AttentionSensitivityMonitor(Callback):
         self._restore_captures()
 
     def _probe_captures(self) -> int | None:
-        if self.probe is not None and hasattr(self.probe, "_n_captures"):
-            return int(self.probe._n_captures)
+        if self.probe is not None:
+            return self.probe.state_dict()["n_captures"]
         return self._restored_captures
 
     def _restore_captures(self) -> None:
-        if (
-            self.probe is not None
-            and self._restored_captures is not None
-            and hasattr(self.probe, "_n_captures")
-        ):
-            self.probe._n_captures = int(self._restored_captures)
+        if self.probe is not None and self._restored_captures is not None:
+            self.probe.load_state_dict({"n_captures": self._restored_captures})
             self._restored_captures = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -610,6 +610,15 @@ class AttentionProbe:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=3)
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain data that makes row sampling resume exactly: the sampler is reseeded from ``seed`` and the
+        number of captures so far."""
+        return {"seed": self.seed, "n_captures": self._n_captures}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the seed given at construction is kept)."""
+        self._n_captures = int(state_dict["n_captures"])
 
     def remove(self) -> None:
         """Remove every hook and reset the temperature to 1."""
