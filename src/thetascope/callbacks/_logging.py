@@ -26,6 +26,7 @@ __all__ = [
     "check_layers_arg",
     "check_positive_int",
     "check_prefix",
+    "gather_host_ints",
     "gather_reduce",
     "layer_key",
     "log_images",
@@ -35,6 +36,8 @@ __all__ = [
     "select_layers",
     "shared_probe",
     "unwrap_compiled",
+    "warn_if_state_missing",
+    "warn_unreadable_state",
 ]
 
 #: Cross-rank reductions understood by :func:`gather_reduce`.
@@ -370,6 +373,24 @@ class FailureGuard:
                 stacklevel=2,
             )
 
+    def warn(self, name: str, err: BaseException, rank: int = 0) -> None:
+        """Report a failure that needs no agreement across ranks, without disabling anything.
+
+        For the host-side arithmetic and logging that follow the reduction: every rank has already taken part
+        in the collective, so the next measurement runs normally. Warns once per ``name``; ``strict``
+        re-raises.
+        """
+        if self.strict:
+            raise err
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(
+                f"{self.owner}: {name} failed on rank {rank} ({type(err).__name__}: {err}); the values of "
+                "this measurement were not logged there (pass strict=True to raise instead).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def disable_agreed(self, names: Iterable[str]) -> None:
         """Disable measurements that failed on some rank (after the reduction), on every rank."""
         for name in names:
@@ -386,7 +407,10 @@ class FailureGuard:
 # one probe per model, shared by the callbacks
 # ------------------------------------------------------------------------------------------------------------
 # ----
-_PROBES: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+# model -> weak reference to its probe. The callbacks hold the probe; the probe holds the model. Holding the
+# probe strongly here would keep every model ever fitted alive for the life of the process (the value would
+# reference its own weak key), which a sweep or a notebook running many fits would notice.
+_PROBES: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[Any]] = weakref.WeakKeyDictionary()
 
 
 def shared_probe(module: torch.nn.Module, **settings: Any) -> Any:
@@ -401,11 +425,87 @@ def shared_probe(module: torch.nn.Module, **settings: Any) -> Any:
     from thetascope.capture.probe import AttentionProbe
 
     key = unwrap_compiled(module)
-    probe = _PROBES.get(key)
+    ref = _PROBES.get(key)
+    probe = ref() if ref is not None else None
     if probe is None:
         probe = AttentionProbe(key, **settings)
-        _PROBES[key] = probe
+        _PROBES[key] = weakref.ref(probe)
     else:
+        probe = _refreshed(key, probe)
         for name, value in settings.items():
             setattr(probe, name, value)
     return probe
+
+
+def _refreshed(model: torch.nn.Module, probe: Any) -> Any:
+    """``probe``, or a new probe when the model's attention modules changed since it was built.
+
+    Blocks added, removed or replaced between two ``fit`` calls would otherwise go unmeasured, or keep
+    reporting the last values of a module that is gone. The new probe keeps the sampling settings and tau.
+    """
+    from thetascope.capture.probe import AttentionProbe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # discovery warnings were given when the first probe was built
+        try:
+            fresh = AttentionProbe(
+                model,
+                rows_per_head=probe.rows_per_head,
+                heads=probe.heads,
+                batch_size=probe.batch_size,
+                seed=probe.seed,
+                exact_top=probe.exact_top,
+            )
+        except ValueError:  # no attention left, or heads= no longer fits: keep the old probe
+            return probe
+    same = [(r.index, c.adapter.module) for r, c in zip(fresh.layers, fresh._contexts)] == [
+        (r.index, c.adapter.module) for r, c in zip(probe.layers, probe._contexts)
+    ]
+    if same:
+        return probe
+    tau = probe.temperature
+    probe.remove()
+    if tau != 1.0:
+        fresh.set_temperature(tau)
+    _PROBES[model] = weakref.ref(fresh)
+    return fresh
+
+
+# ------------------------------------------------------------------------------------------------------
+# checkpoints and ranks
+# ------------------------------------------------------------------------------------------------------
+def warn_if_state_missing(callback: Any, checkpoint: Mapping[str, Any]) -> None:
+    """Warn when ``checkpoint`` holds no state for ``callback`` (written without it, or other settings)."""
+    states = checkpoint.get("callbacks") or {}
+    keys = {callback.state_key, getattr(callback, "_legacy_state_key", None)}
+    if not any(k in states for k in keys if k is not None):
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"{type(callback).__name__}: the checkpoint holds no state for this callback (it was written "
+            "without it, or with other settings); its statistics start fresh.",
+            category=UserWarning,
+        )
+
+
+def warn_unreadable_state(owner: str, err: BaseException) -> None:
+    """Warn that a checkpoint's state for ``owner`` could not be read (an older or foreign layout)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(
+        f"{owner}: could not read its state from the checkpoint ({type(err).__name__}: {err}); the layout "
+        "may be from another version. Its statistics start fresh.",
+        category=UserWarning,
+    )
+
+
+def gather_host_ints(trainer: pl.Trainer, values: Sequence[int]) -> list[list[int]]:
+    """Every rank's ``values`` (same length on every rank) with one collective; ``[values]`` in one process.
+
+    For setup-time agreement only (it syncs); every rank must call it.
+    """
+    if trainer.world_size <= 1:
+        return [list(values)]
+    vec = torch.tensor(list(values), dtype=torch.float32, device=trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(vec).reshape(trainer.world_size, -1)
+    return [[int(v) for v in row] for row in gathered.cpu().tolist()]

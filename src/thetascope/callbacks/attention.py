@@ -21,6 +21,7 @@ from thetascope.callbacks._logging import (
     check_layers_arg,
     check_positive_int,
     check_prefix,
+    gather_host_ints,
     gather_reduce,
     layer_key,
     log_images,
@@ -29,6 +30,8 @@ from thetascope.callbacks._logging import (
     refuse_sharded,
     select_layers,
     shared_probe,
+    warn_if_state_missing,
+    warn_unreadable_state,
 )
 
 __all__ = ["AttentionSensitivityMonitor"]
@@ -180,19 +183,37 @@ class AttentionSensitivityMonitor(Callback):
     # ------------------------------------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.probe is not None:
+        if stage != "fit":
             return
         refuse_sharded(trainer, type(self).__name__, "projection weight")
-        try:
-            self.probe = shared_probe(
-                pl_module,
-                rows_per_head=self.rows_per_head,
-                batch_size=self.batch_size,
-                exact_top=self.exact_top,
-            )
-        except Exception as err:
-            self.guard.fail("probe", err, trainer.global_rank)
+        if self.guard.active("probe"):
+            try:
+                # on every fit: shared_probe rebuilds the probe when attention modules were added or removed
+                self.probe = shared_probe(
+                    pl_module,
+                    rows_per_head=self.rows_per_head,
+                    batch_size=self.batch_size,
+                    exact_top=self.exact_top,
+                )
+            except Exception as err:
+                self.guard.fail("probe", err, trainer.global_rank)
+                self.probe = None
+        n_layers = len(self.probe.layers) if self.probe is not None and self.guard.active("probe") else -1
+        # every rank must pack the same layout into each collective: agree once, here, on the probe depth
+        counts = [row[0] for row in gather_host_ints(trainer, [n_layers])]
+        if len(set(counts)) > 1 or -1 in counts:
+            if -1 not in counts:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"{type(self).__name__}: ranks found different numbers of attention layers "
+                    f"({dict(enumerate(counts))} by rank); attention measurements are disabled on every rank "
+                    "(gradient monitoring and training go on).",
+                    category=RuntimeWarning,
+                )
             self.guard.disable_agreed(["probe"])
+        elif n_layers >= 0:  # after the agreement, so that every rank gets here or none does
+            select_layers(self.layers, n_layers)  # a bad layers= is a configuration error: raise it now
         self._restore_captures()
 
     @override
@@ -269,7 +290,7 @@ class AttentionSensitivityMonitor(Callback):
             empty = {f: nan for f, _ in _LAYER_FIELDS if f not in ("failed", "proj_norm", "lipschitz_bound")}
             zero = torch.zeros((), device=device)  # sums: a rank that saw nothing adds nothing
             empty.update(theta_sum_mid=zero, theta_n_valid=zero, theta_n_ge_099=zero, entropy_sum=zero)
-            empty.update(nonfinite_rows=zero, theta_head=nan.reshape(1))
+            empty.update(nonfinite_rows=zero)  # no theta_head: no bound for a layer that did not run
             return empty
         lower, upper = theta.lower.float(), theta.upper.float()
         valid = torch.isfinite(lower) & torch.isfinite(upper)
@@ -357,7 +378,7 @@ class AttentionSensitivityMonitor(Callback):
                 try:
                     with torch.no_grad():
                         stats = self._layer_stats(rec)
-                        theta_head = stats.pop("theta_head")
+                        theta_head = stats.pop("theta_head", None)
                         vals.update(stats)
                         i = rec.index
                         if norms:
@@ -366,9 +387,10 @@ class AttentionSensitivityMonitor(Callback):
                             vals["proj_norm"] = projection_norm_product(
                                 norms[f"{i}/q"], norms[f"{i}/k"], norms[f"{i}/v"], norms[f"{i}/o"]
                             )
-                            vals["lipschitz_bound"] = self._bound(
-                                rec, norms, theta_head, stats["attn_input_max_norm"]
-                            )
+                            if theta_head is not None:
+                                vals["lipschitz_bound"] = self._bound(
+                                    rec, norms, theta_head, stats["attn_input_max_norm"]
+                                )
                 except Exception as err:
                     self.guard.fail(name, err, rank)
                     vals = {}
@@ -391,7 +413,11 @@ class AttentionSensitivityMonitor(Callback):
         ]
         self.guard.disable_agreed(agreed)
 
-        return self._log(trainer, step, layers, reduced)
+        try:  # host-side arithmetic and logging after the collective: a failure here needs no agreement
+            return self._log(trainer, step, layers, reduced)
+        except Exception as err:
+            self.guard.warn("logging", err, rank)
+            return {}
 
     def _log(
         self, trainer: pl.Trainer, step: int, layers: list[Any], reduced: Mapping[str, Tensor]
@@ -541,11 +567,27 @@ class AttentionSensitivityMonitor(Callback):
         }
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        warn_if_state_missing(self, checkpoint)
+
+    @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.estimator.load_state_dict(state_dict["spectral"])
-        self._last_step = int(state_dict.get("last_step", -1))
-        self._card_logged = bool(state_dict.get("card_logged", False))
-        self._restored_captures = state_dict.get("probe_captures")
+        try:
+            last_step = int(state_dict.get("last_step", -1))
+            card_logged = bool(state_dict.get("card_logged", False))
+            captures = state_dict.get("probe_captures")
+            if captures is not None:
+                captures = int(captures)
+            self.estimator.load_state_dict(state_dict["spectral"])
+        except Exception as err:  # an older or foreign layout: start fresh rather than stop the run
+            warn_unreadable_state(type(self).__name__, err)
+            self.estimator.reset()
+            self._last_step, self._card_logged, self._restored_captures = -1, False, None
+            return
+        self._last_step, self._card_logged = last_step, card_logged
+        self._restored_captures = captures
         self._restore_captures()
 
     def _probe_captures(self) -> int | None:

@@ -28,6 +28,8 @@ from thetascope.callbacks._logging import (
     publish_callback_metrics,
     refuse_sharded,
     select_layers,
+    warn_if_state_missing,
+    warn_unreadable_state,
 )
 
 __all__ = ["SPIKE_ACTIONS", "GradientFlowMonitor"]
@@ -172,6 +174,8 @@ class GradientFlowMonitor(Callback):
                 self._layer_of_param[id(p)] = layer
         self._n_layers = (max(self._layer_of_param.values()) + 1) if self._layer_of_param else 0
         self._opt_groups = {}
+        if self._n_layers:
+            select_layers(self.layers, self._n_layers)  # a bad layers= is a configuration error: raise it now
 
     def _groups_for(self, optimizer: Optimizer) -> tuple[list[int], list[list[Tensor]], list[Tensor]]:
         """(layer ids, per-layer params, params outside any layer) of this optimizer, cached per optimizer."""
@@ -241,7 +245,10 @@ class GradientFlowMonitor(Callback):
             self.guard.fail("grad_norms", err, trainer.global_rank)
         if measuring:
             self._last_step = step
-            self.measure(trainer, step, ids, per_layer, global_norm)
+            try:
+                self.measure(trainer, step, ids, per_layer, global_norm)
+            except Exception as err:  # the guarded measurements above keep ranks in step; this is logging
+                self.guard.warn("logging", err, trainer.global_rank)
 
     def _all_params(self, optimizer: Optimizer) -> list[Tensor]:
         _, groups, other = self._groups_for(optimizer)
@@ -391,7 +398,28 @@ class GradientFlowMonitor(Callback):
         }
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        warn_if_state_missing(self, checkpoint)
+
+    @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        try:
+            self._load_state_dict(state_dict)
+        except Exception as err:  # an older or foreign layout: start fresh rather than stop the run
+            warn_unreadable_state(type(self).__name__, err)
+            from thetascope.functional.spikes import SpikeDetector
+
+            min_history = min(20, self.spike_window)
+            self.grad_detector = SpikeDetector(self.spike_window, self.spike_threshold, min_history)
+            self.loss_detector = SpikeDetector(self.spike_window, self.spike_threshold, min_history)
+            self._restored_counts = {}
+            self._grad_spikes_total = self._loss_spikes_total = self._nonfinite_total = None
+            self._grad_spikes_since = self._loss_spikes_since = None
+            self._last_step = -1
+
+    def _load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.grad_detector.load_state_dict(state_dict["grad_detector"])
         self.loss_detector.load_state_dict(state_dict["loss_detector"])
         self._restored_counts = {
@@ -418,9 +446,11 @@ def _global_grad_norm(params: list[Tensor]) -> Tensor | None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
+    # float64 gradients (a model cast with .double()) need a float64 reduction (no narrowing dtype=)
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     norms: Sequence[Tensor]
     try:
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        norms = torch._foreach_norm(grads, 2, dtype=dtype)
     except (TypeError, RuntimeError):  # older torch without dtype=
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-    return torch.linalg.vector_norm(torch.stack(norms))
+        norms = [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms)).float()

@@ -10,7 +10,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from thetascope.callbacks._logging import log_to_loggers, publish_callback_metrics, shared_probe
+from thetascope.callbacks._logging import (
+    log_to_loggers,
+    publish_callback_metrics,
+    shared_probe,
+    warn_if_state_missing,
+    warn_unreadable_state,
+)
 from thetascope.schedules.temperature import TemperatureSchedule
 
 __all__ = ["TemperatureWarmup"]
@@ -100,8 +106,10 @@ class TemperatureWarmup(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._probe is None:
-            self._probe = shared_probe(pl_module)
+        first = self._probe is None
+        # on every setup: shared_probe rebuilds the probe when attention modules were added or removed
+        self._probe = shared_probe(pl_module)
+        if first:
             rank_zero_info(
                 f"TemperatureWarmup: {len(self._probe.layers)} attention layer(s), "
                 f"tau {self.schedule.tau_start} -> "
@@ -155,5 +163,18 @@ class TemperatureWarmup(Callback):
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.schedule.load_state_dict(state_dict["schedule"])
-        self._last_logged_step = int(state_dict.get("last_logged_step", -1))
+        try:
+            last = int(state_dict.get("last_logged_step", -1))
+            # validated as a whole before anything is replaced: a partial layout leaves this schedule as is
+            self.schedule.load_state_dict(state_dict["schedule"])
+        except Exception as err:  # an older or foreign layout: keep this callback's own configuration
+            warn_unreadable_state(type(self).__name__, err)
+            self._last_logged_step = -1
+            return
+        self._last_logged_step = last
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        warn_if_state_missing(self, checkpoint)

@@ -15,6 +15,7 @@ probe.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -171,20 +172,29 @@ class AttentionProbe:
         exact_top: int = 10,
         strict: bool = False,
     ) -> None:
-        if rows_per_head is not None and (not isinstance(rows_per_head, int) or rows_per_head < 1):
+        def is_int(v: Any) -> bool:  # bools are ints to Python, never to us
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if rows_per_head is not None and (not is_int(rows_per_head) or rows_per_head < 1):
             raise ValueError(f"rows_per_head must be a positive int or None, got {rows_per_head!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        if not isinstance(exact_top, int) or not 1 <= exact_top <= 20:
+        if not is_int(exact_top) or not 1 <= exact_top <= 20:
             raise ValueError(f"exact_top must be an int in 1..20, got {exact_top!r}")
-        if isinstance(heads, int):
-            if heads < 1:
+        if not is_int(seed):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if is_int(heads):
+            if heads < 1:  # type: ignore[operator]
                 raise ValueError(
                     f"heads must be a positive int, a sequence of head indices or None, got {heads}"
                 )
-            heads = list(range(heads))
+            heads = list(range(heads))  # type: ignore[arg-type]
         elif heads is not None:
-            heads = [int(h) for h in heads]
+            if isinstance(heads, (str, bytes)) or not all(is_int(h) for h in heads):  # type: ignore[union-attr]
+                raise ValueError(
+                    f"heads must be a positive int, a sequence of head indices or None, got {heads!r}"
+                )
+            heads = [int(h) for h in heads]  # type: ignore[union-attr]
             if not heads or min(heads) < 0:
                 raise ValueError(f"heads must hold non-negative head indices, got {heads!r}")
         self.model = getattr(model, "_orig_mod", model)

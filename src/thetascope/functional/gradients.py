@@ -88,14 +88,19 @@ def group_parameters_by_layer(
 
 
 def _tensor_norms(grads: list[Tensor]) -> list[Tensor]:
+    # float32 results: fp16 norms of large gradients would overflow when squared. float64 gradients (a model
+    # cast with .double()) are reduced in float64, since torch refuses a narrowing dtype=, then cast.
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    norms: list[Tensor] | None = None
     foreach_norm = getattr(torch, "_foreach_norm", None)
     if foreach_norm is not None:
         try:
-            # float32 results: fp16 norms of large gradients would overflow when squared
-            return list(foreach_norm(grads, 2, dtype=torch.float32))
+            norms = list(foreach_norm(grads, 2, dtype=dtype))
         except (TypeError, RuntimeError):  # older torch without dtype=, or an unsupported layout
-            pass
-    return [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+            norms = None
+    if norms is None:
+        norms = [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
+    return norms if dtype == torch.float32 else [n.float() for n in norms]
 
 
 @overload

@@ -285,8 +285,10 @@ class SpectralNormEstimator:
         for name, value in (("n_iter", n_iter), ("init_iters", init_iters), ("n_vectors", n_vectors)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SpectralNormEstimator: {name} must be an int >= 1, got {value!r}")
-        if not eps > 0:
-            raise ValueError(f"SpectralNormEstimator: eps must be > 0, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"SpectralNormEstimator: eps must be a number > 0, got {eps!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"SpectralNormEstimator: seed must be an int, got {seed!r}")
         self.n_iter = n_iter
         self.init_iters = init_iters
         self.eps = eps

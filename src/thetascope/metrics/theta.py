@@ -106,6 +106,8 @@ class BalancedMassFactor(Metric):
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+        if not isinstance(validate, bool):
+            raise ValueError(f"validate must be True or False, got {validate!r}")
         self.exact_top = exact_top
         self.threshold = float(threshold)
         self.validate = bool(validate)
