@@ -361,17 +361,13 @@ class FailureGuard:
 
     def fail(self, name: str, err: BaseException, rank: int = 0) -> None:
         """Record a local failure of measurement ``name`` (re-raises under ``strict``)."""
-        if self.strict:
-            raise err
+        self._report(
+            name,
+            err,
+            f"measurement {name!r} failed on rank {rank} ({type(err).__name__}: {err}); it is disabled for "
+            "the rest of training",
+        )
         self.failed_now.add(name)
-        if name not in self._warned:
-            self._warned.add(name)
-            warnings.warn(
-                f"{self.owner}: measurement {name!r} failed on rank {rank} ({type(err).__name__}: {err}); "
-                "it is disabled for the rest of training (pass strict=True to raise instead).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
 
     def warn(self, name: str, err: BaseException, rank: int = 0) -> None:
         """Report a failure that needs no agreement across ranks, without disabling anything.
@@ -380,15 +376,21 @@ class FailureGuard:
         in the collective, so the next measurement runs normally. Warns once per ``name``; ``strict``
         re-raises.
         """
+        self._report(
+            name,
+            err,
+            f"{name} failed on rank {rank} ({type(err).__name__}: {err}); the values of this measurement "
+            "were not logged there",
+        )
+
+    def _report(self, name: str, err: BaseException, what: str) -> None:
+        """Re-raise under ``strict``; otherwise warn once per ``name``."""
         if self.strict:
             raise err
         if name not in self._warned:
             self._warned.add(name)
             warnings.warn(
-                f"{self.owner}: {name} failed on rank {rank} ({type(err).__name__}: {err}); the values of "
-                "this measurement were not logged there (pass strict=True to raise instead).",
-                RuntimeWarning,
-                stacklevel=2,
+                f"{self.owner}: {what} (pass strict=True to raise instead).", RuntimeWarning, stacklevel=3
             )
 
     def disable_agreed(self, names: Iterable[str]) -> None:
