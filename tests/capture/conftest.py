@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -123,3 +124,23 @@ def sdpa_probs(q: Tensor, k: Tensor, **kw: object) -> Tensor:
     lk = k.shape[-2]
     eye = torch.eye(lk, dtype=q.dtype).expand(*k.shape[:-2], lk, lk)
     return F.scaled_dot_product_attention(q, k, eye, **kw)  # type: ignore[arg-type]
+
+
+def mha_scaled_copy(model: nn.Module, tau: float) -> nn.Module:
+    """Independent temperature route: a copy in which every ``nn.MultiheadAttention`` has its W_Q rows and
+    q bias divided by tau."""
+    ref = copy.deepcopy(model)
+    for mod in ref.modules():
+        if not isinstance(mod, nn.MultiheadAttention):
+            continue
+        e = mod.embed_dim
+        with torch.no_grad():
+            if mod._qkv_same_embed_dim:
+                assert mod.in_proj_weight is not None
+                mod.in_proj_weight[:e] /= tau
+            else:
+                assert mod.q_proj_weight is not None
+                mod.q_proj_weight /= tau
+            if mod.in_proj_bias is not None:
+                mod.in_proj_bias[:e] /= tau
+    return ref

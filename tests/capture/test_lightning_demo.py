@@ -14,6 +14,7 @@ from lightning.pytorch.demos.transformer import LightningTransformer, Transforme
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.capture.conftest import mha_scaled_copy
 from thetascope.capture import AttentionProbe
 from thetascope.capture.torch_mha import mha_fastpath_disabled
 from thetascope.functional.theta import balanced_mass_factor
@@ -109,13 +110,7 @@ def test_temperature_matches_scaled_copy() -> None:
     tau = 2.0
     model = _demo().eval()
     inputs, target = _batch()
-    ref = copy.deepcopy(model)
-    for mod in ref.modules():
-        if isinstance(mod, nn.MultiheadAttention):
-            e = mod.embed_dim
-            with torch.no_grad():
-                mod.in_proj_weight[:e] /= tau
-                mod.in_proj_bias[:e] /= tau
+    ref = mha_scaled_copy(model, tau)
     probe = AttentionProbe(model)
     probe.set_temperature(tau)
     with torch.no_grad():

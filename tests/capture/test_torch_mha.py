@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.capture.conftest import mha_scaled_copy
 from thetascope.capture import AttentionProbe
 from thetascope.capture.torch_mha import TorchMHAAdapter, mha_fastpath_disabled
 from thetascope.functional.theta import balanced_mass_factor
@@ -175,28 +176,12 @@ def _close(got: Tensor | None, want: Tensor | None) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
-def _scaled_copy(m: nn.MultiheadAttention, tau: float) -> nn.MultiheadAttention:
-    """Independent temperature route: a copy whose W_Q rows and q bias are divided by tau."""
-    ref = copy.deepcopy(m)
-    e = ref.embed_dim
-    with torch.no_grad():
-        if ref._qkv_same_embed_dim:
-            assert ref.in_proj_weight is not None
-            ref.in_proj_weight[:e] /= tau
-        else:
-            assert ref.q_proj_weight is not None
-            ref.q_proj_weight /= tau
-        if ref.in_proj_bias is not None:
-            ref.in_proj_bias[:e] /= tau
-    return ref
-
-
 @pytest.mark.parametrize("case", ["kpm_bool_seq_first", "float_mask_2d", "cross_kdim", "bias_kv_zero_attn"])
 def test_temperature_matches_scaled_query_projection(case: str) -> None:
     tau = 2.5
     m, args, kwargs = _case(case)
     m.train()  # dropout is 0: deterministic, and gradients flow
-    ref = _scaled_copy(m, tau)
+    ref = mha_scaled_copy(m, tau)
     probe = AttentionProbe(m, rows_per_head=4)
     probe.set_temperature(tau)
     out = m(*args, **kwargs)[0]
@@ -397,13 +382,7 @@ def test_transformer_temperature_matches_scaled_copy() -> None:
     tau = 3.0
     model = _transformer(norm_first=False, batch_first=True).eval()
     (src, tgt), kw = _transformer_inputs(batch_first=True)
-    ref = copy.deepcopy(model)
-    for mod in ref.modules():
-        if isinstance(mod, nn.MultiheadAttention):
-            e = mod.embed_dim
-            with torch.no_grad():
-                mod.in_proj_weight[:e] /= tau
-                mod.in_proj_bias[:e] /= tau
+    ref = mha_scaled_copy(model, tau)
     probe = AttentionProbe(model)
     probe.set_temperature(tau)
     with torch.no_grad():  # eval + no_grad + padding: the nested fast path must stay off while tau != 1

@@ -74,18 +74,9 @@ class _KernelMode(TorchFunctionMode):
             try:
                 return ctx.adapter.handle(func, types, args, kwargs, ctx)
             except Exception as err:
-                # Never break training over a measurement: report once, stop measuring this layer, and run the
-                # kernel (with the temperature, which is part of training, not of the measurement).
-                probe = ctx.probe
-                if probe.strict:
-                    raise
-                ctx.layer.disabled = True
-                ctx.recording = False
-                probe._warn_once(
-                    f"fail:{ctx.layer.name}",
-                    f"thetascope: measuring {ctx.layer.name} ({ctx.layer.kind}) failed with "
-                    f"{type(err).__name__}: {err}; this layer is no longer measured (strict=True raises).",
-                )
+                # Never break training over a measurement: stop measuring this layer and run the kernel (with
+                # the temperature, which is part of training, not of the measurement).
+                ctx.probe._fail_layer(ctx, err)
                 return ctx.adapter.handle(func, types, args, kwargs, ctx)
         return func(*args, **kwargs)
 
@@ -383,15 +374,7 @@ class AttentionProbe:
                 try:
                     self._on_attention_start(ctx, args, kwargs)
                 except Exception as err:
-                    if self.strict:
-                        raise
-                    ctx.layer.disabled = True
-                    ctx.recording = False
-                    self._warn_once(
-                        f"fail:{ctx.layer.name}",
-                        f"thetascope: measuring {ctx.layer.name} failed with {type(err).__name__}: {err}; "
-                        "this layer is no longer measured (strict=True raises).",
-                    )
+                    self._fail_layer(ctx, err)
             mode = _KernelMode(ctx)
             mode.__enter__()
             ctx.modes.append(mode)
@@ -616,6 +599,19 @@ class AttentionProbe:
         return t
 
     # ---------------------------------------------------------------------------------------------- misc
+    def _fail_layer(self, ctx: _LayerContext, err: Exception) -> None:
+        """A measurement of ``ctx.layer`` raised: re-raise under ``strict``, else warn once and stop measuring
+        that layer."""
+        if self.strict:
+            raise err
+        ctx.layer.disabled = True
+        ctx.recording = False
+        self._warn_once(
+            f"fail:{ctx.layer.name}",
+            f"thetascope: measuring {ctx.layer.name} ({ctx.layer.kind}) failed with {type(err).__name__}: "
+            f"{err}; this layer is no longer measured (strict=True raises).",
+        )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
