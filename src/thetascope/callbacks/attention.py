@@ -14,25 +14,22 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from thetascope.callbacks._logging import (
-    FailureGuard,
-    HeatmapHistory,
-    PackedValues,
-    check_layers_arg,
-    check_positive_int,
-    check_prefix,
+from thetascope._validation import check_layers_arg, check_positive_int, check_prefix, select_layers
+from thetascope.callbacks._lightning import (
     gather_host_ints,
     gather_reduce,
-    layer_key,
     log_images,
     log_to_loggers,
     publish_callback_metrics,
     refuse_sharded,
-    select_layers,
-    shared_probe,
     warn_if_state_missing,
     warn_unreadable_state,
 )
+from thetascope.capture.registry import shared_probe
+from thetascope.keys import layer_key
+from thetascope.monitors._collective import PackedValues
+from thetascope.monitors._guard import FailureGuard
+from thetascope.report.heatmap import HeatmapHistory
 
 __all__ = ["AttentionSensitivityMonitor"]
 

@@ -14,23 +14,20 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from thetascope.callbacks._logging import (
-    FailureGuard,
-    HeatmapHistory,
-    PackedValues,
-    check_layers_arg,
-    check_positive_int,
-    check_prefix,
+from thetascope._validation import check_layers_arg, check_positive_int, check_prefix, select_layers
+from thetascope.callbacks._lightning import (
     gather_reduce,
-    layer_key,
     log_images,
     log_to_loggers,
     publish_callback_metrics,
     refuse_sharded,
-    select_layers,
     warn_if_state_missing,
     warn_unreadable_state,
 )
+from thetascope.keys import layer_key
+from thetascope.monitors._collective import PackedValues
+from thetascope.monitors._guard import FailureGuard
+from thetascope.report.heatmap import HeatmapHistory
 
 __all__ = ["SPIKE_ACTIONS", "GradientFlowMonitor"]
 

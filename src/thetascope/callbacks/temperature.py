@@ -10,13 +10,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from thetascope.callbacks._logging import (
+from thetascope.callbacks._lightning import (
     log_to_loggers,
     publish_callback_metrics,
-    shared_probe,
     warn_if_state_missing,
     warn_unreadable_state,
 )
+from thetascope.capture.registry import shared_probe
 from thetascope.schedules.temperature import TemperatureSchedule
 
 __all__ = ["TemperatureWarmup"]

@@ -1,0 +1,155 @@
+"""Lightning glue shared by the callbacks: strategy checks, the trainer's collective, loggers, checkpoints.
+
+Nothing here runs on unmeasured steps; every function may sync (it is only called on measurement steps).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from thetascope.monitors._collective import AllGather, PackedValues, reduce_packed
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = [
+    "gather_host_ints",
+    "gather_reduce",
+    "log_images",
+    "log_to_loggers",
+    "publish_callback_metrics",
+    "refuse_sharded",
+    "trainer_all_gather",
+    "warn_if_state_missing",
+    "warn_unreadable_state",
+]
+
+
+def refuse_sharded(trainer: pl.Trainer, owner: str, what: str) -> None:
+    """Raise ``RuntimeError`` under strategies that shard parameters (FSDP, DeepSpeed, ModelParallel).
+
+    Per-rank gradient and weight norms there are norms of shards: reporting them would be silently wrong.
+    """
+    strategy = trainer.strategy
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    sharded = [n for n in names if n in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")]
+    if sharded:
+        raise RuntimeError(
+            f"{owner} does not support {sharded[0]}: parameters are sharded across ranks, so each rank "
+            f"sees only a shard of every {what} and the norms it could report would be norms of shards, not "
+            "of the full "
+            "parameters. Use DDP (strategy='ddp'), or remove the callback for sharded runs."
+        )
+
+
+def trainer_all_gather(trainer: pl.Trainer) -> AllGather:
+    """The :data:`~thetascope.monitors._collective.AllGather` of ``trainer``'s strategy."""
+
+    def gather(vec: Tensor) -> Tensor:
+        if trainer.world_size <= 1:
+            return vec.unsqueeze(0)
+        return trainer.strategy.all_gather(vec).reshape(trainer.world_size, -1)
+
+    return gather
+
+
+def gather_reduce(trainer: pl.Trainer, packed: PackedValues, device: torch.device | None = None) -> Tensor:
+    """:func:`~thetascope.monitors._collective.reduce_packed` over ``trainer``'s ranks (one collective)."""
+    return reduce_packed(packed, trainer_all_gather(trainer), device)
+
+
+def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Write scalars to every attached logger at ``step``, from global rank zero only.
+
+    We write to the loggers directly (not through ``LightningModule.log``) so the values land at exactly the
+    measured optimizer step whatever ``log_every_n_steps`` is, and so no metric reduction is added on top of
+    ours.
+    """
+    if not metrics or not trainer.is_global_zero:
+        return
+    clean = {k: float(v) for k, v in metrics.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(clean, step=step)
+
+
+def publish_callback_metrics(
+    trainer: pl.Trainer, metrics: Mapping[str, float], prog_bar: bool = False
+) -> None:
+    """Put values into ``trainer.callback_metrics`` (what EarlyStopping/ModelCheckpoint read), on every rank.
+
+    The values are already reduced across ranks, so every rank sees the same number (monitors agree).
+    """
+    cb = trainer.callback_metrics
+    for k, v in metrics.items():
+        cb[k] = torch.tensor(float(v))
+    if prog_bar:
+        pb = trainer.progress_bar_metrics
+        for k, v in metrics.items():
+            pb[k] = float(v)
+
+
+def log_images(trainer: pl.Trainer, images: Mapping[str, Any], step: int) -> int:
+    """Send HWC uint8 images to loggers that take images (TensorBoard, W&B); returns how many were written.
+
+    Rank zero only. Loggers without image support (CSV) are skipped silently.
+    """
+    if not images or not trainer.is_global_zero:
+        return 0
+    written = 0
+    for logger in trainer.loggers:
+        kind = type(logger).__name__
+        try:
+            if kind == "TensorBoardLogger":
+                exp = logger.experiment  # type: ignore[attr-defined]
+                for tag, img in images.items():
+                    exp.add_image(tag, img, global_step=step, dataformats="HWC")
+                    written += 1
+            elif kind == "WandbLogger":
+                for tag, img in images.items():
+                    logger.log_image(key=tag, images=[img], step=step)  # type: ignore[attr-defined]
+                    written += 1
+        except Exception as err:  # an image is never worth breaking training for
+            warnings.warn(f"thetascope: could not log heatmap images to {kind}: {err}", stacklevel=2)
+    return written
+
+
+def warn_if_state_missing(callback: Any, checkpoint: Mapping[str, Any]) -> None:
+    """Warn when ``checkpoint`` holds no state for ``callback`` (written without it, or other settings)."""
+    states = checkpoint.get("callbacks") or {}
+    keys = {callback.state_key, getattr(callback, "_legacy_state_key", None)}
+    if not any(k in states for k in keys if k is not None):
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"{type(callback).__name__}: the checkpoint holds no state for this callback (it was written "
+            "without it, or with other settings); its statistics start fresh.",
+            category=UserWarning,
+        )
+
+
+def warn_unreadable_state(owner: str, err: BaseException) -> None:
+    """Warn that a checkpoint's state for ``owner`` could not be read (an older or foreign layout)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(
+        f"{owner}: could not read its state from the checkpoint ({type(err).__name__}: {err}); the layout "
+        "may be from another version. Its statistics start fresh.",
+        category=UserWarning,
+    )
+
+
+def gather_host_ints(trainer: pl.Trainer, values: Sequence[int]) -> list[list[int]]:
+    """Every rank's ``values`` (same length on every rank) with one collective; ``[values]`` in one process.
+
+    For setup-time agreement only (it syncs); every rank must call it.
+    """
+    if trainer.world_size <= 1:
+        return [list(values)]
+    vec = torch.tensor(list(values), dtype=torch.float32, device=trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(vec).reshape(trainer.world_size, -1)
+    return [[int(v) for v in row] for row in gathered.cpu().tolist()]
