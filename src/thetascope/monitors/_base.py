@@ -14,7 +14,7 @@ __all__ = ["MonitorCore"]
 
 @runtime_checkable
 class MonitorCore(Protocol):
-    """A framework-free monitor: ``measure`` (device tensors, no host sync), ``reduce`` (one collective), state.
+    """A framework-free monitor: ``measure`` into device tensors, ``reduce`` with one collective, its state.
 
     ``measure`` differs per monitor (what it needs: a captured forward, the optimizer, a batch), so it is not
     part of the protocol. ``reduce`` takes the partial values one rank measured and returns the values to log,
