@@ -78,8 +78,14 @@ class LayerRecord:
     Measured fields are ``None`` until the first ``capture()`` that ran this layer; each capture overwrites
     them. ``theta``/``entropy`` are ``[B', H', R]`` over the sampled batch items ``batch_index``, heads
     ``head_index`` and query rows ``query_positions`` (``[B', H', R]``); rows that were fully masked or
-    non-finite hold NaN and are counted in ``n_masked_rows`` / ``n_nonfinite_rows``. ``disabled`` is set when
-    a measurement of this layer failed (reported once); the layer is then no longer measured.
+    non-finite hold NaN and are counted in ``n_masked_rows`` / ``n_nonfinite_rows``. ``max_logit`` is
+    ``[B', H', R]``: the largest pre-softmax logit of each sampled row, as the model used it (after scaling,
+    biases and soft-capping). ``disabled`` is set when a measurement of this layer failed (reported once); the
+    layer is then no longer measured.
+
+    ``stack`` names the stack a layer belongs to in models with several (``"encoder"``, ``"decoder"``,
+    ``"decoder_cross"``), ``None`` in single-stack models; ``index`` is the depth order within its stack.
+    ``attention`` is ``"self"`` or ``"cross"``.
     """
 
     name: str
@@ -87,11 +93,14 @@ class LayerRecord:
     kind: str
     adapter: Any = field(repr=False)
     block_name: str | None = None
+    stack: str | None = None
+    attention: str = "self"
     theta: ThetaBounds | None = None
     query_positions: Tensor | None = None
     batch_index: Tensor | None = None
     head_index: Tensor | None = None
     entropy: Tensor | None = None
+    max_logit: Tensor | None = None
     attn_input_max_norm: Tensor | None = None
     residual_max_norm: Tensor | None = None
     n_masked_rows: Tensor | None = None
