@@ -57,7 +57,8 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
 def test_ddp_ranks_agree_on_the_mean_of_their_measurements(tmp_path: Path) -> None:
     ranks = run_ddp(_worker, world_size=2, args=(str(tmp_path),), timeout=240)
     r0, r1 = ranks
-    assert r0["values"] == r1["values"] and r0["values"]
+    assert r0["values"] == r1["values"]
+    assert r0["values"]
     assert len(r0["local_apjn"]) == len(r1["local_apjn"]) == 2  # steps 0 and 2
     for layer in range(4):
         mean = (r0["local_apjn"][-1][layer] + r1["local_apjn"][-1][layer]) / 2

@@ -37,9 +37,11 @@ def test_keys_at_fit_start_and_every_n_steps_in_csv(tmp_path: Path) -> None:
     ):
         assert set(csv[key]) == {0, 2, 4}, key
     alpha = csv["stability/norm_alpha/ln_1/layer_00"]
-    assert alpha[0] == 0.5 and alpha[4] != 0.5  # initial value, then trained
+    assert alpha[0] == 0.5
+    assert alpha[4] != 0.5
     assert all(0.0 <= v <= 1.0 for v in csv["stability/norm_saturation/ln_2/layer_03"].values())
-    assert mon.card_line is not None and "signal propagation at init" in mon.card_line
+    assert mon.card_line is not None
+    assert "signal propagation at init" in mon.card_line
 
 
 def test_fit_start_only_by_default_and_no_norm_keys_for_layernorm(tmp_path: Path) -> None:
@@ -55,7 +57,8 @@ def test_training_is_bitwise_identical_with_and_without_the_monitor(tmp_path: Pa
     rng_with = torch.get_rng_state()
     without = _fit(tmp_path / "b", [], steps=3)
     rng_without = torch.get_rng_state()
-    assert mon.core is not None and mon.core.measurements == 3
+    assert mon.core is not None
+    assert mon.core.measurements == 3
     for (name, p), q in zip(with_mon.named_parameters(), without.parameters()):
         assert torch.equal(p, q), name
     assert torch.equal(rng_with, rng_without)  # the measurements drew nothing from the global generator
@@ -68,13 +71,20 @@ def test_resume_does_not_remeasure_the_initialisation(tmp_path: Path) -> None:
     t.fit(lm, token_data(n=16, batch_size=4))
     t.save_checkpoint(tmp_path / "s4.ckpt")
     state = torch.load(tmp_path / "s4.ckpt", weights_only=False)["callbacks"][mon.state_key]
-    assert state["measured_init"] and state["core"]["measurements"] == 2
+    assert state["measured_init"]
+    assert state["core"]["measurements"] == 2
     again = SignalPropagationMonitor(every_n_steps=3, n_probes=2)
     t2 = trainer(tmp_path / "second", [again], steps=7)
-    t2.fit(LM("demo-pre", n_layer=4, d=16, n_head=2), token_data(n=16, batch_size=4), ckpt_path=tmp_path / "s4.ckpt")
+    t2.fit(
+        LM("demo-pre", n_layer=4, d=16, n_head=2),
+        token_data(n=16, batch_size=4),
+        ckpt_path=tmp_path / "s4.ckpt",
+    )
     csv = read_csv_metrics(tmp_path / "second/csv/version_0/metrics.csv")
     assert set(csv["stability/apjn/layer_00"]) == {6}
-    assert again.core is not None and again.core.measurements == 3 and again.card_line is not None
+    assert again.core is not None
+    assert again.core.measurements == 3
+    assert again.card_line is not None
 
 
 def test_bad_arguments_raise_at_construction() -> None:

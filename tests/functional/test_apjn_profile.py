@@ -39,7 +39,8 @@ def test_profile_matches_dense_jacobian_within_reported_stderr(norm: str, causal
         h = b(h)
         outs.append(h)
     est, se = apjn_profile(outs, x, n_probes=48, generator=torch.Generator().manual_seed(3))
-    assert est.shape == se.shape == (3,) and est.dtype == torch.float64
+    assert est.shape == se.shape == (3,)
+    assert est.dtype == torch.float64
     for depth in range(1, 4):
         exact = float(averaged_partial_jacobian_norm_exact(blocks[:depth], h0))
         e, s = float(est[depth - 1]), float(se[depth - 1])
@@ -63,7 +64,8 @@ def test_profile_edge_cases_and_validation() -> None:
     x = torch.randn(3, 2, requires_grad=True)
     const = torch.ones(4)  # does not depend on x
     est, se = apjn_profile([const, x * 1.0], x, n_probes=2)
-    assert est.tolist() == [0.0, 1.0] and se.tolist() == [0.0, 0.0]
+    assert est.tolist() == [0.0, 1.0]
+    assert se.tolist() == [0.0, 0.0]
     assert apjn_profile([], x, n_probes=2)[0].numel() == 0
     with pytest.raises(ValueError, match="n_probes"):
         apjn_profile([x * 2.0], x, n_probes=1)

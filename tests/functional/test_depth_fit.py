@@ -27,23 +27,29 @@ def _noisy(values: list[float], sigma: float, seed: int) -> list[float]:
 def test_power_law_recovered_and_called_critical(zeta: float) -> None:
     prof = [2.5 * d**zeta for d in DEPTHS]
     z, a, r2, rmse = fit_power_law(prof)
-    assert z == pytest.approx(zeta, abs=1e-9) and a == pytest.approx(math.log(2.5), abs=1e-9)
-    assert r2 == pytest.approx(1.0) and rmse < 1e-9
+    assert z == pytest.approx(zeta, abs=1e-9)
+    assert a == pytest.approx(math.log(2.5), abs=1e-9)
+    assert r2 == pytest.approx(1.0)
+    assert rmse < 1e-9
     fit = fit_depth_profile(_noisy(prof, 0.05, 0))
-    assert fit.verdict == "critical" and fit.verdict_code == VERDICTS["critical"] == 0.0
+    assert fit.verdict == "critical"
+    assert fit.verdict_code == VERDICTS["critical"] == 0.0
     assert fit.power_exponent == pytest.approx(zeta, abs=0.05)
 
 
-@pytest.mark.parametrize("beta, c", [(0.5, 0.8), (0.3, 2.0), (0.7, 0.3)])
+@pytest.mark.parametrize(("beta", "c"), [(0.5, 0.8), (0.3, 2.0), (0.7, 0.3)])
 def test_stretched_exponential_recovered_and_called_subcritical(beta: float, c: float) -> None:
     prof = [math.exp(0.2 + c * d**beta) for d in DEPTHS]
     b, rate, a, r2, _ = fit_stretched_exponential(prof)
-    assert b == pytest.approx(beta, abs=1e-3) and rate == pytest.approx(c, rel=1e-2)
-    assert a == pytest.approx(0.2, abs=1e-2) and r2 == pytest.approx(1.0)
+    assert b == pytest.approx(beta, abs=1e-3)
+    assert rate == pytest.approx(c, rel=1e-2)
+    assert a == pytest.approx(0.2, abs=1e-2)
+    assert r2 == pytest.approx(1.0)
     fit = fit_depth_profile(_noisy(prof, 0.02, 1))
     assert fit.verdict == "subcritical", fit.summary()
     assert fit.stretched_beta == pytest.approx(beta, abs=0.08)
-    assert fit.rmse_ratio < 0.5 and fit.stretched_r2 > fit.power_r2
+    assert fit.rmse_ratio < 0.5
+    assert fit.stretched_r2 > fit.power_r2
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.3])
@@ -53,7 +59,8 @@ def test_exponential_growth_is_supercritical_and_decay_subcritical(rate: float) 
     assert fit.stretched_beta == pytest.approx(1.0, abs=0.05)
     assert fit.stretched_rate == pytest.approx(rate, rel=0.1)
     decay = fit_depth_profile([math.exp(-rate * d) for d in DEPTHS])
-    assert decay.verdict == "subcritical" and decay.stretched_rate < 0
+    assert decay.verdict == "subcritical"
+    assert decay.stretched_rate < 0
 
 
 def test_explicit_depths_nonfinite_points_and_errors() -> None:
@@ -67,5 +74,7 @@ def test_explicit_depths_nonfinite_points_and_errors() -> None:
     with pytest.raises(ValueError, match="entries"):
         fit_power_law([1.0, 2.0, 3.0, 4.0], [1, 2, 3])
     flat = fit_depth_profile([1.0] * 8)
-    assert flat.verdict == "critical" and flat.power_exponent == 0.0 and flat.power_r2 == 1.0
+    assert flat.verdict == "critical"
+    assert flat.power_exponent == 0.0
+    assert flat.power_r2 == 1.0
     assert set(flat.as_dict()) >= {"verdict", "stretched_beta", "power_exponent"}

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.threads import single_thread  # noqa: F401  (autouse: one intra-op thread)
 from thetascope.demo.model import GPT, GPTConfig
 from thetascope.functional.apjn import averaged_partial_jacobian_norm_exact
 from thetascope.monitors._base import MonitorCore
 from thetascope.monitors.signal import SignalPropagationCore, find_blocks
 from thetascope.nn import DyT
-from tests.helpers.threads import single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def _model(norm: str, causal: bool = True, n_layer: int = 4, d: int = 8, seq: int = 4) -> GPT:
@@ -26,7 +26,7 @@ def _model(norm: str, causal: bool = True, n_layer: int = 4, d: int = 8, seq: in
     return model.double()
 
 
-@pytest.mark.parametrize("norm, causal", [("pre", True), ("dyt", False), ("derf", True), ("post", False)])
+@pytest.mark.parametrize(("norm", "causal"), [("pre", True), ("dyt", False), ("derf", True), ("post", False)])
 def test_profile_matches_dense_jacobian_of_the_block_stack(norm: str, causal: bool) -> None:
     model = _model(norm, causal)
     idx = torch.randint(0, 256, (2, 4))
@@ -40,9 +40,11 @@ def test_profile_matches_dense_jacobian_of_the_block_stack(norm: str, causal: bo
         exact = float(averaged_partial_jacobian_norm_exact(nn.Sequential(*blocks[: layer + 1]), h0))
         got = out[f"stability/apjn/layer_{layer:02d}"]
         se = out[f"stability/apjn_stderr/layer_{layer:02d}"]
-        assert 0 < se < 0.3 * exact and abs(got - exact) <= 4 * se, (layer, got, exact, se)
+        assert 0 < se < 0.3 * exact, (layer, se, exact)
+        assert abs(got - exact) <= 4 * se, (layer, got, exact, se)
     assert out["stability/signal/verdict"] == out["card/signal_verdict"] in (-1.0, 0.0, 1.0)
-    assert core.card_line() is not None and core.card_line().startswith("signal propagation at init:")  # type: ignore[union-attr]
+    assert core.card_line() is not None
+    assert core.card_line().startswith("signal propagation at init:")
 
 
 def test_measurement_changes_nothing_bitwise() -> None:
@@ -61,7 +63,9 @@ def test_measurement_changes_nothing_bitwise() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     assert {n: m.training for n, m in model.named_modules()} == modes
     for n, p in model.named_parameters():
-        assert torch.equal(p, params[n]) and p.grad is not None and torch.equal(p.grad, grads[n]), n
+        assert torch.equal(p, params[n]), n
+        assert p.grad is not None
+        assert torch.equal(p.grad, grads[n]), n
 
 
 def test_saturation_and_alpha_match_a_manual_count() -> None:
@@ -91,7 +95,7 @@ def test_reduce_over_two_ranks_averages_and_combines_stderr() -> None:
 
     def two_ranks(vec: torch.Tensor) -> torch.Tensor:  # rank 1 holds b's values in the same layout
         packed = PackedValues()
-        for k, op in (("apjn", 0), ("apjn_se2", 0), ("alpha", 0), ("saturated", 0), ("elements", 0)):
+        for k, _op in (("apjn", 0), ("apjn_se2", 0), ("alpha", 0), ("saturated", 0), ("elements", 0)):
             packed.add(k, b[k])
         packed.add("world", torch.ones(()))
         packed.add("failed", b["failed"])
@@ -116,7 +120,8 @@ def test_failure_warns_once_disables_and_strict_raises() -> None:
     core = SignalPropagationCore(model)
     with pytest.warns(RuntimeWarning, match="signal"):
         vals = core.measure(lambda: (_ for _ in ()).throw(RuntimeError("boom")))
-    assert core.reduce(vals) == {} and not core.guard.active("signal")
+    assert core.reduce(vals) == {}
+    assert not core.guard.active("signal")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert core.measure(lambda: model(idx)) == {}
@@ -144,7 +149,8 @@ def test_state_round_trip_continues_probe_seeds() -> None:
     state = core.state_dict()
     again = SignalPropagationCore(model)
     again.load_state_dict(state)
-    assert again.init_fit == core.init_fit and again.measurements == 1
+    assert again.init_fit == core.init_fit
+    assert again.measurements == 1
     nxt = core.reduce(core.measure(lambda: model(idx)))
     assert again.reduce(again.measure(lambda: model(idx))) == pytest.approx(nxt)
     assert nxt != first  # the second measurement uses fresh probes

@@ -47,10 +47,12 @@ def test_derf_matches_its_formula_elementwise() -> None:
 
 
 def test_defaults_flags_and_validation() -> None:
-    assert DyT(4).alpha.tolist() == Derf(4).alpha.tolist() == [0.5] and Derf(4).shift.tolist() == [0.0]
+    assert DyT(4).alpha.tolist() == Derf(4).alpha.tolist() == [0.5]
+    assert Derf(4).shift.tolist() == [0.0]
     assert DyT(4, bias=False).bias is None
     m = DyT(4, elementwise_affine=False)
-    assert m.weight is None and [n for n, _ in m.named_parameters()] == ["alpha"]
+    assert m.weight is None
+    assert [n for n, _ in m.named_parameters()] == ["alpha"]
     x = torch.randn(2, 4)
     assert torch.equal(m(x), torch.tanh(0.5 * x))
     for bad in (dict(normalized_shape=0), dict(normalized_shape=4, alpha_init=0.0)):
@@ -58,7 +60,7 @@ def test_defaults_flags_and_validation() -> None:
             DyT(**bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kind, extra", [("dyt", 1), ("derf", 2)])
+@pytest.mark.parametrize(("kind", "extra"), [("dyt", 1), ("derf", 2)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_convert_layernorm_counts_copies_and_stays_finite(kind: str, extra: int, bias: bool) -> None:
     torch.manual_seed(0)
@@ -78,7 +80,8 @@ def test_convert_layernorm_counts_copies_and_stays_finite(kind: str, extra: int,
     logits = model(idx)
     assert torch.isfinite(logits).all()
     logits.square().mean().backward()
-    assert model.blocks[0].ln_1.alpha.grad is not None and model.blocks[0].ln_1.alpha.grad.abs() > 0
+    assert model.blocks[0].ln_1.alpha.grad is not None
+    assert model.blocks[0].ln_1.alpha.grad.abs() > 0
 
 
 def test_convert_rejects_unknown_kind_and_keeps_modes() -> None:
@@ -105,4 +108,6 @@ def test_is_tanh_like_recognises_third_party_classes() -> None:
     class Tanh2(nn.Module):
         pass
 
-    assert is_tanh_like(DynamicTanh()) and not is_tanh_like(Tanh2()) and not is_tanh_like(nn.Tanh())
+    assert is_tanh_like(DynamicTanh())
+    assert not is_tanh_like(Tanh2())
+    assert not is_tanh_like(nn.Tanh())

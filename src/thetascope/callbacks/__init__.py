@@ -7,8 +7,8 @@
 
 from thetascope.callbacks.attention import AttentionSensitivityMonitor
 from thetascope.callbacks.gradients import GradientFlowMonitor
+from thetascope.callbacks.signal import SignalPropagationMonitor
 from thetascope.callbacks.temperature import TemperatureWarmup
-from thetascope.callbacks.signal import SignalPropagationMonitor  # noqa: I001  (APJN depth profile, DyT/Derf)
 
 __all__ = ["AttentionSensitivityMonitor", "GradientFlowMonitor", "TemperatureWarmup"]
 __all__ += ["SignalPropagationMonitor"]

@@ -34,14 +34,16 @@ def _head(batch: Any, n: int) -> Any:
     if isinstance(batch, Mapping):
         return {k: _head(v, n) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_head(v, n) for v in batch) if isinstance(batch, list) else tuple(
-            _head(v, n) for v in batch
+        return (
+            type(batch)(_head(v, n) for v in batch)
+            if isinstance(batch, list)
+            else tuple(_head(v, n) for v in batch)
         )
     return batch
 
 
 def _default_forward(module: pl.LightningModule, batch: Any) -> Any:
-    """``module(batch)`` for a tensor, ``module(batch[0])`` for a tuple/list, ``module(**batch)`` for a dict."""
+    """``module(batch)`` for a tensor, ``module(batch[0])`` for a tuple or list, ``module(**batch)`` else."""
     if isinstance(batch, Mapping):
         return module(**batch)
     if isinstance(batch, (tuple, list)):
@@ -73,8 +75,8 @@ class SignalPropagationMonitor(Callback):
         n_probes: Hutchinson probes per block (>= 2; the standard error falls like ``1/sqrt(n_probes)``).
         max_samples: samples of the first batch kept as the held batch (>= 1).
         saturation_threshold: ``|alpha * x (+ shift)|`` beyond which a DyT/Derf element counts as saturated.
-        forward: ``forward(pl_module, batch)`` running the model on a batch; default: ``pl_module(batch)`` for a
-            tensor, ``pl_module(batch[0])`` for a tuple/list, ``pl_module(**batch)`` for a dict.
+        forward: ``forward(pl_module, batch)`` running the model on a batch; default: ``pl_module(batch)``
+            for a tensor, ``pl_module(batch[0])`` for a tuple/list, ``pl_module(**batch)`` for a dict.
         layers: per-layer APJN keys to log (``"all"``/``None``, ``"auto"`` or indices); fits use every block.
         prefix: key prefix.
         strict: raise on a failed measurement instead of warning once and disabling it.
@@ -98,7 +100,9 @@ class SignalPropagationMonitor(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.every_n_steps = None if every_n_steps is None else check_positive_int("every_n_steps", every_n_steps)
+        self.every_n_steps = (
+            None if every_n_steps is None else check_positive_int("every_n_steps", every_n_steps)
+        )
         self.max_samples = check_positive_int("max_samples", max_samples)
         if forward is not None and not callable(forward):
             raise ValueError(f"forward must be a callable forward(pl_module, batch) or None, got {forward!r}")
@@ -178,7 +182,9 @@ class SignalPropagationMonitor(Callback):
         return {
             "measured_init": self._measured_init,
             "last_step": self._last_step,
-            "core": self.core.state_dict() if self.core is not None else dict(self._restored or {}).get("core"),
+            "core": self.core.state_dict()
+            if self.core is not None
+            else dict(self._restored or {}).get("core"),
         }
 
     @override

@@ -10,8 +10,12 @@
 * :mod:`.depth_fit`: power-law / stretched-exponential fits of an APJN depth profile and the verdict.
 """
 
-from thetascope.functional.apjn import averaged_partial_jacobian_norm, averaged_partial_jacobian_norm_exact
-from thetascope.functional.apjn import apjn_profile, apjn_with_stderr
+from thetascope.functional.apjn import (
+    apjn_profile,
+    apjn_with_stderr,
+    averaged_partial_jacobian_norm,
+    averaged_partial_jacobian_norm_exact,
+)
 from thetascope.functional.depth_fit import DepthFit, fit_depth_profile
 from thetascope.functional.gradients import (
     grad_norms_by_group,

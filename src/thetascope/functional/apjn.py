@@ -118,7 +118,9 @@ def averaged_partial_jacobian_norm_exact(fn: Callable[[Tensor], Tensor], h0: Ten
 
 def _check_probes(owner: str, n_probes: object) -> int:
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
-        raise ValueError(f"{owner}: n_probes must be an int >= 2 (a standard error needs two), got {n_probes!r}")
+        raise ValueError(
+            f"{owner}: n_probes must be an int >= 2 (a standard error needs two), got {n_probes!r}"
+        )
     return n_probes
 
 

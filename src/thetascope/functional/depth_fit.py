@@ -89,7 +89,9 @@ def _line_fit(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return a, b, sse
 
 
-def _prepare(profile: Sequence[float] | Tensor, depths: Sequence[float] | Tensor | None) -> tuple[Tensor, Tensor]:
+def _prepare(
+    profile: Sequence[float] | Tensor, depths: Sequence[float] | Tensor | None
+) -> tuple[Tensor, Tensor]:
     y = torch.as_tensor(profile, dtype=torch.float64).reshape(-1)
     x = (
         torch.arange(1, y.numel() + 1, dtype=torch.float64)

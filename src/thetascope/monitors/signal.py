@@ -1,4 +1,4 @@
-"""SignalPropagationCore: the APJN depth profile of a transformer, its criticality verdict, and DyT/Derf state.
+"""SignalPropagationCore: a transformer's APJN depth profile, its criticality verdict, and DyT/Derf state.
 
 Framework-free (no Lightning import): a plain loop, Fabric or the Lightning callback
 :class:`~thetascope.callbacks.SignalPropagationMonitor` drive it the same way.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -127,7 +127,9 @@ class SignalPropagationCore:
             or not math.isfinite(saturation_threshold)
             or saturation_threshold <= 0
         ):
-            raise ValueError(f"saturation_threshold must be a finite number > 0, got {saturation_threshold!r}")
+            raise ValueError(
+                f"saturation_threshold must be a finite number > 0, got {saturation_threshold!r}"
+            )
         self.saturation_threshold = float(saturation_threshold)
         self.layers = check_layers_arg(layers)
         self.prefix = check_prefix(prefix)
@@ -282,7 +284,8 @@ class SignalPropagationCore:
                 h.remove()
             outs.clear()
             h0.clear()
-        alpha = torch.stack([m.alpha.detach().float().mean() for m in self.norms]) if self.norms else sat
+        alphas = [cast(Tensor, m.alpha).detach().float().mean() for m in self.norms]
+        alpha = torch.stack(alphas) if alphas else sat
         return apjn.float(), se.float(), alpha.to(device), sat, total
 
     # ----------------------------------------------------------------------------------------------- reduce

@@ -24,12 +24,14 @@ _TANH_LIKE_NAME = re.compile(r"(dyt|dynamic_?tanh|derf|dynamic_?erf)", re.IGNORE
 def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
-        raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}")
+        raise ValueError(
+            f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}"
+        )
     return shape
 
 
 class _Dynamic(nn.Module):
-    """Shared parameters of :class:`DyT` and :class:`Derf`: scalar ``alpha``, per-channel ``weight``/``bias``."""
+    """What :class:`DyT` and :class:`Derf` share: scalar ``alpha``, per-channel ``weight`` and ``bias``."""
 
     def __init__(
         self,
@@ -96,7 +98,7 @@ class DyT(_Dynamic):
 
 
 class Derf(_Dynamic):
-    """Dynamic erf: ``weight * erf(alpha * x + shift) + bias``, learnable scalars ``alpha`` (0.5) and ``shift`` (0).
+    """Dynamic erf: ``weight * erf(alpha * x + shift) + bias``, scalars ``alpha`` (init 0.5), ``shift`` (0).
 
     Same drop-in contract as :class:`DyT`, with two scalars instead of one.
 
@@ -143,7 +145,7 @@ def is_tanh_like(module: nn.Module) -> bool:
 
 
 def convert_layernorm(model: nn.Module, kind: str, alpha_init: float = 0.5) -> nn.Module:
-    """Replace every ``nn.LayerNorm`` in ``model`` by :class:`DyT` (``kind="dyt"``) or :class:`Derf` (``"derf"``).
+    """Replace every ``nn.LayerNorm`` of ``model`` by :class:`DyT` or :class:`Derf` (``kind``: dyt, derf).
 
     In place (the model is also returned). Each replacement keeps the LayerNorm's ``normalized_shape``, its
     affine flags and a copy of its ``weight``/``bias`` values, on the same device and dtype. The parameter
