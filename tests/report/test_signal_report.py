@@ -36,9 +36,8 @@ def test_experiment_files_and_report_figures(tmp_path: Path) -> None:
     trainer(run, [SignalPropagationMonitor(every_n_steps=2, n_probes=2)], steps=3).fit(lm, token_data(n=8))
     rep = write_report([run, tmp_path / "exp"], tmp_path / "report", stream=io.StringIO())
     figs = {f.key: f for f in rep.figures}
-    assert (
-        figs["signal_experiment"].path is not None and "Fits at depth 5" in figs["signal_experiment"].caption
-    )
+    assert figs["signal_experiment"].path is not None
+    assert "Fits at depth 5" in figs["signal_experiment"].caption
     # the mean over seeds (geometric) of the deepest bidirectional DyT profile, layer 1
     vals = [float(r["apjn"]) for r in rows if r["norm"] == "dyt" and r["attention"] == "bidirectional"
             and r["depth"] == "5" and r["layer"] == "1"]  # fmt: skip
@@ -50,10 +49,17 @@ def test_experiment_files_and_report_figures(tmp_path: Path) -> None:
     assert prof["step 0"].values[3] == pytest.approx(logged["stability/apjn/layer_03"][0])
     assert prof["step 2"].values[0] == pytest.approx(logged["stability/apjn/layer_00"][2])
     page = rep.html_path.read_text()
-    assert 'id="signal_experiment"' in page and 'id="apjn_profile"' in page
+    assert 'id="signal_experiment"' in page
+    assert 'id="apjn_profile"' in page
 
 
 def test_reports_without_signal_data_are_unchanged(tmp_path: Path) -> None:
     trainer(tmp_path / "run", [], steps=2).fit(LM("demo-pre", n_layer=2, d=16, n_head=2), token_data(n=8))
     rep = write_report([tmp_path / "run"], tmp_path / "report", stream=io.StringIO())
     assert not {"signal_experiment", "apjn_profile"} & {f.key for f in rep.figures}
+
+
+def test_cli_accepts_the_signal_preset() -> None:
+    from thetascope.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--preset", "signal"]).preset == "signal"

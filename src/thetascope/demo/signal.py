@@ -62,8 +62,8 @@ class SignalExperiment:
     batch_size: int = 4
     n_probes: int = 4
     sigma_w: float = 1.0
-    train_steps: int = 60
-    train_norms: tuple[str, ...] = ("pre", "post", "dyt", "derf")
+    train_steps: int = 40
+    train_norms: tuple[str, ...] = ("pre", "dyt", "derf")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -162,12 +162,12 @@ def _train(out: Path, exp: SignalExperiment, stream: TextIO) -> list[Path]:
     for norm in exp.train_norms:
         L.seed_everything(0, verbose=False)
         cfg = GPTConfig(
-            n_layer=12, n_embd=exp.n_embd, n_head=exp.n_head, block_size=64, norm=cast(NormPlacement, norm)
+            n_layer=12, n_embd=exp.n_embd, n_head=exp.n_head, block_size=32, norm=cast(NormPlacement, norm)
         )
         module = DemoLM(cfg, lr=1e-3, warmup_steps=10)
         standard_init(module.model, exp.sigma_w)
         data = DataLoader(
-            ByteWindows(corpus.train, 64, exp.train_steps * 8, seed=0), batch_size=8, drop_last=True
+            ByteWindows(corpus.train, 32, exp.train_steps * 8, seed=0), batch_size=8, drop_last=True
         )
         trainer = L.Trainer(
             max_steps=exp.train_steps,
@@ -247,8 +247,22 @@ def run_signal_experiment(
                     f"[{time.perf_counter() - t0:.0f} s]",
                     file=stream,
                 )
+        _write(root, exp, profiles, fits, start, stream)
+        if exp.train_steps > 0 and exp.train_norms:
+            _train(root / "train", exp, stream)
     finally:
         torch.set_num_threads(threads)
+    return json.loads((root / "summary.json").read_text())
+
+
+def _write(
+    root: Path,
+    exp: SignalExperiment,
+    profiles: list[dict[str, Any]],
+    fits: list[dict[str, Any]],
+    start: float,
+    stream: TextIO,
+) -> None:
     for name, rows in (("profiles.csv", profiles), ("fits.csv", fits)):
         with open(root / name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -264,6 +278,3 @@ def run_signal_experiment(
 
     draw_experiment_figure(read_profiles(root / "profiles.csv"), root / "apjn_vs_depth.png")
     print(f"measured {len(fits)} profiles in {summary['seconds']:.0f} s -> {root}", file=stream)
-    if exp.train_steps > 0 and exp.train_norms:
-        _train(root / "train", exp, stream)
-    return summary
