@@ -45,7 +45,19 @@ def test_keys_at_fit_start_and_every_n_steps_in_csv(tmp_path: Path) -> None:
 
 
 def test_fit_start_only_by_default_and_no_norm_keys_for_layernorm(tmp_path: Path) -> None:
-    _fit(tmp_path, [SignalPropagationMonitor(n_probes=2)], kind="demo-pre", steps=3)
+    calls: list[int] = []
+
+    def forward(module: LM, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        calls.append(batch[0].shape[0])
+        return module(batch[0])
+
+    _fit(
+        tmp_path,
+        [SignalPropagationMonitor(n_probes=2, max_samples=3, forward=forward)],
+        kind="demo-pre",
+        steps=3,
+    )
+    assert calls == [3]  # one measurement, on the first 3 samples of the first batch
     csv = read_csv_metrics(tmp_path / "csv/version_0/metrics.csv")
     assert set(csv["stability/apjn/layer_02"]) == {0}
     assert not any("norm_alpha" in k for k in csv)
@@ -99,3 +111,16 @@ def test_bad_arguments_raise_at_construction() -> None:
     ):
         with pytest.raises(ValueError):
             SignalPropagationMonitor(**bad)  # type: ignore[arg-type]
+
+
+def test_held_batch_takes_the_first_samples_of_every_tensor() -> None:
+    from thetascope.callbacks.signal import _head
+
+    t = torch.arange(10).reshape(5, 2)
+    held = _head({"ids": t, "pair": [t, (t, "x")], "n": 3}, 2)
+    assert torch.equal(held["ids"], t[:2])
+    assert held["n"] == 3
+    assert torch.equal(held["pair"][1][0], t[:2])
+    assert held["pair"][1][1] == "x"
+    held["ids"][0, 0] = 99
+    assert t[0, 0] == 0  # a copy, not a view of the training batch

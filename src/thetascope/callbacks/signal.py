@@ -33,12 +33,10 @@ def _head(batch: Any, n: int) -> Any:
         return batch[:n].detach().clone()
     if isinstance(batch, Mapping):
         return {k: _head(v, n) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return (
-            type(batch)(_head(v, n) for v in batch)
-            if isinstance(batch, list)
-            else tuple(_head(v, n) for v in batch)
-        )
+    if isinstance(batch, list):
+        return [_head(v, n) for v in batch]
+    if isinstance(batch, tuple):  # a plain tuple (a namedtuple batch becomes one; the default forward agrees)
+        return tuple(_head(v, n) for v in batch)
     return batch
 
 
