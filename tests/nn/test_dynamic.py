@@ -111,3 +111,16 @@ def test_is_tanh_like_recognises_third_party_classes() -> None:
     assert is_tanh_like(DynamicTanh())
     assert not is_tanh_like(Tanh2())
     assert not is_tanh_like(nn.Tanh())
+
+
+def test_demo_model_bidirectional_attention_sees_later_tokens() -> None:
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (1, 6))
+    later = idx.clone()
+    later[0, -1] = (later[0, -1] + 1) % 256
+    for causal in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, block_size=6, norm="dyt", causal=causal))
+        with torch.no_grad():
+            changed = not torch.allclose(model(idx)[0, 0], model(later)[0, 0])
+        assert changed == (not causal)
