@@ -29,7 +29,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "attached, then write the report.",
     )
     presets = "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items())
-    p.add_argument("--preset", choices=list(PRESETS), default="default", help=f"model size ({presets})")
+    presets += "; signal: APJN depth profiles at init (pre/post-LN, DyT, Derf) and short runs, a few minutes"
+    p.add_argument(
+        "--preset", choices=[*PRESETS, "signal"], default="default", help=f"model size ({presets})"
+    )
     p.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default: runs/)")
     p.add_argument(
         "--variants",
@@ -87,8 +90,19 @@ def _report(run_dirs: Sequence[Path], out: Path, prefix: str | None) -> int:
     return 0
 
 
+def _signal_demo(args: argparse.Namespace) -> int:
+    from thetascope.demo.signal import SignalExperiment, run_signal_experiment
+
+    exp = SignalExperiment() if args.steps is None else SignalExperiment(train_steps=args.steps)
+    run_signal_experiment(args.out, exp)
+    return 0 if args.no_report else _report([args.out / "signal"], args.out / "report", None)
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
+
+    if args.preset == "signal":
+        return _signal_demo(args)
 
     from thetascope.demo.train import run_demo
 

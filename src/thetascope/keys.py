@@ -137,6 +137,8 @@ __all__ += [
     "SPIKE_FIELDS",
     "TEMPERATURE",
 ]
+
+
 def parse_layer_key(key: str, prefix: str = "") -> tuple[str, str | None, int] | None:
     """``(field, stack, index)`` of a per-layer key written by :func:`layer_key`, else ``None``.
 
@@ -160,3 +162,29 @@ def parse_layer_key(key: str, prefix: str = "") -> tuple[str, str | None, int] |
     if stack is not None and stack not in STACKS:
         field, stack = f"{field}/{stack}", None
     return field, stack, int(m["index"])
+
+
+# ------------------------------------------------------------------------------------- signal propagation
+#: Per-layer fields of :class:`~thetascope.monitors.signal.SignalPropagationCore`: ``apjn/layer_XX`` is the
+#: APJN from the input of block 0 to the output of block XX, ``apjn_stderr/layer_XX`` its standard error.
+SIGNAL_LAYER_FIELDS: tuple[str, ...] = ("apjn", "apjn_stderr")
+#: Per-module fields of tanh-like normalisers (DyT, Derf): ``{field}/{name in block}/layer_XX``, or
+#: ``{field}/{module name}`` outside the blocks.
+SIGNAL_NORM_FIELDS: tuple[str, ...] = ("norm_alpha", "norm_saturation")
+#: Run-level fields, each logged as ``signal/{field}``: the depth fits of the APJN profile and the verdict
+#: (-1 subcritical, 0 critical, 1 supercritical), plus the overall saturation fraction.
+SIGNAL_FIELDS: tuple[str, ...] = (
+    "power_exponent",
+    "power_r2",
+    "stretched_beta",
+    "stretched_rate",
+    "stretched_r2",
+    "rmse_ratio",
+    "verdict",
+    "apjn_last",
+    "norm_saturation",
+)
+#: The architecture-card line of the signal verdict (numeric code as above; logged without the prefix).
+SIGNAL_CARD_KEY = "card/signal_verdict"
+
+__all__ += ["SIGNAL_CARD_KEY", "SIGNAL_FIELDS", "SIGNAL_LAYER_FIELDS", "SIGNAL_NORM_FIELDS"]

@@ -7,6 +7,8 @@
 
 from thetascope.callbacks.attention import AttentionSensitivityMonitor
 from thetascope.callbacks.gradients import GradientFlowMonitor
+from thetascope.callbacks.signal import SignalPropagationMonitor
 from thetascope.callbacks.temperature import TemperatureWarmup
 
 __all__ = ["AttentionSensitivityMonitor", "GradientFlowMonitor", "TemperatureWarmup"]
+__all__ += ["SignalPropagationMonitor"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NormPlacement = Literal["pre", "post"]
+NormPlacement = Literal["pre", "post", "dyt", "derf"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,14 @@ class GPTConfig:
         n_head: attention heads per block.
         n_embd: model width ``d`` (divisible by ``n_head``).
         norm: ``"pre"`` (LayerNorm before each sublayer, identity residual path) or ``"post"`` (LayerNorm
-            after each residual addition, as in the original Transformer).
+            after each residual addition, as in the original Transformer); ``"dyt"`` / ``"derf"``: the pre-LN
+            layout with every LayerNorm (the final one too) replaced by :class:`~thetascope.nn.DyT` /
+            :class:`~thetascope.nn.Derf` (normalisation-free).
         path_length_scaling: scale each of the four attention projections at initialisation, and each
             sublayer's residual contribution, by ``N^(-1/4)`` (the path-length rule for ``m = 4`` maps; the
             DeepNorm-style fix for post-LN).
         bias: use biases in Linear layers and LayerNorms.
+        causal: causal attention (the default); ``False`` gives bidirectional attention (an encoder).
 
     Example:
         >>> GPTConfig(n_layer=2, n_embd=32, n_head=4).head_dim
@@ -50,10 +53,11 @@ class GPTConfig:
     norm: NormPlacement = "pre"
     path_length_scaling: bool = False
     bias: bool = True
+    causal: bool = True
 
     def __post_init__(self) -> None:
-        if self.norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
+        if self.norm not in ("pre", "post", "dyt", "derf"):
+            raise ValueError(f"norm must be 'pre', 'post', 'dyt' or 'derf', got {self.norm!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -71,6 +75,15 @@ class GPTConfig:
         return self.n_layer ** (-0.25) if self.path_length_scaling else 1.0
 
 
+def _norm(config: GPTConfig) -> nn.Module:
+    """The normaliser of ``config.norm``: LayerNorm, or its DyT / Derf replacement."""
+    if config.norm in ("dyt", "derf"):
+        from thetascope.nn import Derf, DyT
+
+        return (DyT if config.norm == "dyt" else Derf)(config.n_embd, bias=config.bias)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused QKV projection (nanoGPT layout).
 
@@ -84,18 +97,19 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.causal = config.causal
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # W_Q; W_K; W_V stacked
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # W_O
 
     def forward(self, x: Tensor) -> Tensor:
-        """Attend causally. ``x``: ``[B, L, d]`` -> ``[B, L, d]``."""
+        """Attend (causally unless ``config.causal`` is False). ``x``: ``[B, L, d]`` -> ``[B, L, d]``."""
         b, seq, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)  # each [B, L, d]
         # [B, L, d] -> [B, H, L, d_h]
         q = q.view(b, seq, self.n_head, d // self.n_head).transpose(1, 2)
         k = k.view(b, seq, self.n_head, d // self.n_head).transpose(1, 2)
         v = v.view(b, seq, self.n_head, d // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, L, d_h]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, H, L, d_h]
         y = y.transpose(1, 2).contiguous().view(b, seq, d)  # [B, L, d]
         return self.c_proj(y)
 
@@ -127,14 +141,14 @@ class Block(nn.Module):
         super().__init__()
         self.norm = config.norm
         self.scale = config.branch_scale
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = _norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, L, d]`` -> ``[B, L, d]``."""
-        if self.norm == "pre":
+        if self.norm != "post":  # pre-LN, DyT and Derf share the pre-norm layout
             x = x + self.scale * self.attn(self.ln_1(x))
             return x + self.scale * self.mlp(self.ln_2(x))
         x = self.ln_1(x + self.scale * self.attn(x))
@@ -160,9 +174,7 @@ class GPT(nn.Module):
                 "wpe": nn.Embedding(config.block_size, config.n_embd),
                 "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 # A post-LN stack already ends in a LayerNorm; a second one would change nothing useful.
-                "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias)
-                if config.norm == "pre"
-                else nn.Identity(),
+                "ln_f": _norm(config) if config.norm != "post" else nn.Identity(),
             }
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

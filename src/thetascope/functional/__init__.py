@@ -7,9 +7,16 @@
 * :mod:`.gradients`: per-layer gradient norms and gradient-flow pathology statistics.
 * :mod:`.spikes`: on-device robust spike detection.
 * :mod:`.apjn`: averaged partial Jacobian norm.
+* :mod:`.depth_fit`: power-law / stretched-exponential fits of an APJN depth profile and the verdict.
 """
 
-from thetascope.functional.apjn import averaged_partial_jacobian_norm, averaged_partial_jacobian_norm_exact
+from thetascope.functional.apjn import (
+    apjn_profile,
+    apjn_with_stderr,
+    averaged_partial_jacobian_norm,
+    averaged_partial_jacobian_norm_exact,
+)
+from thetascope.functional.depth_fit import DepthFit, fit_depth_profile
 from thetascope.functional.gradients import (
     grad_norms_by_group,
     gradient_pathology,
@@ -69,3 +76,5 @@ __all__ = [
     "sensitivity_proxy",
     "softmax_jacobian_norm",
 ]
+
+__all__ += ["DepthFit", "apjn_profile", "apjn_with_stderr", "fit_depth_profile"]

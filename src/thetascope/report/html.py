@@ -24,6 +24,7 @@ from thetascope.report.reader import (
     format_value,
     load_runs,
 )
+from thetascope.report.signal import signal_figures
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1200px;
@@ -157,6 +158,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = draw_all(runs, out)
+    figures += signal_figures(runs, list(run_dirs), out)  # APJN vs depth, only when there is data
     findings = [compute_findings(r) for r in runs]
     notes: list[str] = []
     for fig in figures:
