@@ -1,4 +1,4 @@
-"""Robust on-device spike detection (median / MAD baseline, refreshed every few steps), exact state round trip."""
+"""On-device spike detection against a median / MAD baseline refreshed every few steps; exact resume."""
 
 from __future__ import annotations
 
