@@ -109,10 +109,12 @@ def run_rounds(
 
 
 def main(
-    steps: int = STEPS, rounds: int = ROUNDS, every: int = EVERY, warmup: int = WARMUP
+    steps: int | None = None, rounds: int | None = None, every: int = EVERY, warmup: int = WARMUP
 ) -> dict[str, float]:
     """Print (and return) the paired ratios described in the module docstring."""
     quiet()
+    steps = steps or int(os.environ.get("BENCH_STEPS", STEPS))
+    rounds = rounds or int(os.environ.get("BENCH_ROUNDS", ROUNDS))
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", THREADS)))
     configs = ("none", "all", "temperature")
     print(

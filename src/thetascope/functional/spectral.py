@@ -13,7 +13,34 @@ Sharding: the vectors live in the input dimension, so a matrix split by rows acr
 per iteration and shape group, never a gather of the weight. Pass ``all_reduce`` to
 :func:`power_iteration` or :class:`SpectralNormEstimator` for that; the vectors stay replicated.
 
-TABLE_PLACEHOLDER
+Measured with ``python -m benchmarks spectral`` (CPU, float32, 768x768 matrices, 2 per kind; relative error
+``1 - sigma_est / sigma_exact`` against a float64 SVD, max over the matrices; the estimate never exceeds the
+truth). One iteration is one product with ``W^T W``. Trained-like = rank-8 spectrum decaying by 0.8 or 0.9 per
+value plus Gaussian noise whose bulk edge is 0.25 of the top value; Gaussian = i.i.d. entries (the hard case:
+the top values almost touch).
+
+=================================  ======  ======  ======  ======  ======  ======  ======
+cold start, iterations                4       8      12      16      32      64     128
+=================================  ======  ======  ======  ======  ======  ======  ======
+trained-like 0.8, 1 vector         1.5e-2  4.1e-4  1.3e-5  5.1e-7  8.1e-8  5.0e-8  5.0e-8
+trained-like 0.8, 4 vectors        1.5e-5  5.0e-8  5.0e-8  5.0e-8  6.8e-8  5.0e-8  5.0e-8
+trained-like 0.9, 1 vector         8.9e-2  1.2e-2  2.2e-3  4.1e-4  6.3e-7  4.2e-8  4.2e-8
+trained-like 0.9, 4 vectors        1.6e-3  3.2e-5  2.1e-7  4.2e-8  4.2e-8  4.2e-8  4.2e-8
+Gaussian, 1 vector                 1.1e-1  4.6e-2  2.8e-2  2.1e-2  8.8e-3  3.5e-3  6.8e-4
+Gaussian, 4 vectors                8.2e-2  3.3e-2  1.8e-2  9.9e-3  1.3e-3  4.2e-4  1.8e-5
+=================================  ======  ======  ======  ======  ======  ======  ======
+
+Warm calls after a 64-step cold call, weights drifting by a random update of 1e-3 or 1e-2 of their Frobenius
+norm before each of 5 calls: trained-like <= 6.4e-7 with 1, 2 or 4 steps per call and 1 or 4 vectors (<= 7.5e-8
+with 2 or more steps); Gaussian 3.5e-3 with 1 vector, 4.2e-4 with 4 (each drift moves its nearly degenerate top
+vector again). Top singular values trading places (value 1 falls from 1.0 to 0.7 while values 2 and 3 climb
+past it, 41 calls): CROSSING_PLACEHOLDER
+
+Hence ``DEFAULT_N_VECTORS = 4``, ``DEFAULT_INIT_ITERS = 64`` (one-off; trained-like needs 8, and 64 brings
+Gaussian weights, as at initialisation, to ~4e-4) and ``DEFAULT_POWER_ITERS = 2`` per warm call (1 sufficed in
+every warm test on trained-like spectra; the second is margin for faster drift). Speed (CPU, 1 thread, the 42
+projection matrices of a 6-layer d=128 model, warm call): 4.8 ms, against 33 ms for the previous
+Gram-Schmidt block iteration; the cold 64-step call 122 ms against 612 ms.
 """
 
 from __future__ import annotations

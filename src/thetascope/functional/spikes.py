@@ -101,6 +101,7 @@ class SpikeDetector:
         self.n_nonfinite = torch.zeros((), dtype=torch.long, device=device)
         self.median = torch.full((), float("nan"), dtype=torch.float32, device=device)
         self.mad = torch.full((), float("nan"), dtype=torch.float32, device=device)
+        self._limit = torch.full((), float("nan"), dtype=torch.float32, device=device)
         self._calls = 0  # update() calls so far, counted on the host: the refresh schedule
 
     def _state_tensors(self) -> dict[str, Tensor]:
@@ -113,6 +114,7 @@ class SpikeDetector:
             "n_nonfinite": self.n_nonfinite,
             "median": self.median,
             "mad": self.mad,
+            "_limit": self._limit,
         }
 
     def to(self, device: torch.device | str) -> SpikeDetector:
@@ -154,24 +156,28 @@ class SpikeDetector:
         else:
             v = torch.tensor(float(value), dtype=torch.float32, device=self.device)
         finite = torch.isfinite(v)
+        nonfinite = ~finite
         if self._refresh_due():
             self.median, self.mad = self.baseline()
+            self._limit = self._limit_of(self.median, self.mad)
         self._calls += 1
-        med, mad = self.median, self.mad
-        scale = torch.maximum(mad, 1e-6 * med.abs())
         ready = self.n_finite >= self.min_history
-        # comparisons with NaN (empty buffer) are False, so nothing finite is flagged before `ready` anyway
-        spike = (~finite) | (ready & (v - med > self.threshold * MAD_TO_STD * scale))
+        # comparisons with NaN (empty buffer, NaN value) are False
+        spike = (ready & (v > self._limit)) | nonfinite
         slot = self.pos.reshape(1)
-        old = self.buffer.index_select(0, slot)
-        self.buffer.index_copy_(0, slot, torch.where(finite, v, old.squeeze(0)).reshape(1))
+        keep = self.buffer.index_select(0, slot)
+        self.buffer.index_copy_(0, slot, torch.where(finite, v.reshape(1), keep))
         step = finite.long()
         self.pos = (self.pos + step) % self.window
         self.n_finite = self.n_finite + step
         self.n_seen = self.n_seen + 1
-        self.n_spikes = self.n_spikes + spike.long()
-        self.n_nonfinite = self.n_nonfinite + (1 - step)
+        self.n_spikes = self.n_spikes + spike
+        self.n_nonfinite = self.n_nonfinite + nonfinite
         return spike
+
+    def _limit_of(self, med: Tensor, mad: Tensor) -> Tensor:
+        # the spike threshold of a baseline: median + threshold * 1.4826 * max(MAD, 1e-6 |median|)
+        return med + self.threshold * MAD_TO_STD * torch.maximum(mad, 1e-6 * med.abs())
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state: the buffer as a CPU tensor, counters as ints, and the settings.
@@ -242,3 +248,4 @@ class SpikeDetector:
         else:  # an older state: refresh on the next call
             self._calls = 0
             self.median, self.mad = self.baseline()
+        self._limit = self._limit_of(self.median, self.mad)
