@@ -16,7 +16,7 @@ else
 TIMM_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: venv test test-main test-timm demo lint bench clean
+.PHONY: venv test test-main test-timm demo lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# GPT-2 124M/774M shapes on one CUDA device (a few minutes); tiny shapes on a machine without one.
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu
 
 clean:
 	rm -rf $(VENV) $(TIMM_VENV) build dist src/*.egg-info runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,137 +1,160 @@
-"""Overhead of the thetascope callbacks on a real Lightning training loop (small GPT-like model).
+"""Overhead of the thetascope callbacks on the CPU model of issue 13, paired and interleaved in one run.
 
-Three configurations are trained in the same process, interleaved and repeated, with the same model, data and
-seed: no callbacks, the two monitors, and all three callbacks (TemperatureWarmup kept mid-warmup, so its hook
-is active on every step). ``every_n_steps=50``: steps 50 and 100 are measurement steps (step 0 is left out: it
-also holds the cold power iteration and first-call allocations). Printed: step times (min over repeats of
-the per-run median; fastest measured step) and their ratios to the bare run for unmeasured steps, measured
-steps, and amortised over one interval (``unmeasured + (measured - unmeasured) / every_n_steps``).
+Model: a 6-layer pre-LN ``nn.TransformerEncoder`` language model (d=128, 4 heads, causal mask, byte
+vocabulary), batch 8, L=128, AdamW, trained for 200 steps on 2 threads. Configurations, each a fresh fit of
+the same model, data and seed, interleaved round by round so slow drifts of a shared machine hit all alike:
+
+* ``none``: no callbacks;
+* ``all``: AttentionSensitivityMonitor and GradientFlowMonitor at ``every_n_steps=50`` and a TemperatureWarmup
+  from 4 to 1 over the first 100 steps (steps 0, 50, 100, 150 are measured);
+* ``temperature``: only the TemperatureWarmup, over all 200 steps, so its hook is active on every step.
+
+Printed (medians over the rounds of per-round paired ratios against ``none`` of the same round): the total
+training time, the median unmeasured step, the temperature hook's step, and one measurement (the extra time of
+a measured step, steps 50/100/150; step 0 also holds the cold power iteration) as a multiple of a median step.
+All of it twice: on the wall clock and on the process's CPU time, which other load on a shared machine
+disturbs less. ``BENCH_STEPS``/``BENCH_ROUNDS`` in the environment shorten the run.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-import warnings
+import os
 from typing import Any
 
 import torch
 
-STEPS = 101
+from benchmarks._timing import Run, median, quiet, steps_where, timed_fit
+
+STEPS = 200
 EVERY = 50
-REPEATS = 3
+WARMUP = 100
+ROUNDS = 4
+THREADS = 2
+D, LAYERS, HEADS, BATCH, LENGTH, VOCAB = 128, 6, 4, 8, 128, 256
 
 
-def _module() -> Any:
+def make_module(
+    *, d: int = D, layers: int = LAYERS, heads: int = HEADS, length: int = LENGTH, vocab: int = VOCAB
+) -> Any:
+    """The benchmark's LightningModule (a fresh, seeded instance)."""
     import lightning.pytorch as pl
     import torch.nn.functional as F
+    from torch import nn
 
-    from thetascope.demo.model import GPT, GPTConfig
-
-    class _LM(pl.LightningModule):
+    class _EncoderLM(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=64))
+            self.embed = nn.Embedding(vocab, d)
+            self.pos = nn.Parameter(0.02 * torch.randn(1, length, d))
+            layer = nn.TransformerEncoderLayer(
+                d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(d)
+            self.head = nn.Linear(d, vocab)
+            self.register_buffer(
+                "mask", nn.Transformer.generate_square_subsequent_mask(length), persistent=False
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x) + self.pos[:, : x.shape[1]]
+            h = self.encoder(h, mask=self.mask[: x.shape[1], : x.shape[1]], is_causal=True)
+            return self.head(self.norm(h))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            return F.cross_entropy(self.model(x).reshape(-1, 256), y.reshape(-1))
+            return F.cross_entropy(self(x).reshape(-1, vocab), y.reshape(-1))
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+            return torch.optim.AdamW(self.parameters(), lr=3e-4)
 
-    return _LM()
+    return _EncoderLM()
 
 
-def _run(config: str, steps: int = STEPS) -> list[float]:
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
+def make_data(steps: int, *, batch: int = BATCH, length: int = LENGTH, vocab: int = VOCAB) -> Any:
     from torch.utils.data import DataLoader, TensorDataset
 
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (steps * batch, length + 1), generator=gen)
+    return DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=batch)
+
+
+def callbacks_for(config: str, steps: int, every: int = EVERY, warmup: int = WARMUP) -> list[Any]:
     from thetascope.callbacks import AttentionSensitivityMonitor, GradientFlowMonitor, TemperatureWarmup
 
-    starts: dict[int, float] = {}
-    times: list[float] = []
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    class _Start(Callback):
-        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            sync()
-            starts[trainer.global_step] = time.perf_counter()
-
-    class _End(Callback):
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            sync()
-            times.append(time.perf_counter() - starts[trainer.global_step - 1])
-
-    cbs: list[Callback] = [_Start()]
-    if config in ("monitors", "all"):
-        cbs += [AttentionSensitivityMonitor(every_n_steps=EVERY), GradientFlowMonitor(every_n_steps=EVERY)]
+    if config == "none":
+        return []
+    if config == "temperature":
+        return [TemperatureWarmup(tau_start=4.0, tau_end=1.0, warmup_steps=10 * steps, log=False)]
     if config == "all":
-        cbs.append(TemperatureWarmup(tau_start=4.0, tau_end=1.0, warmup_steps=10 * steps))
-    cbs.append(_End())
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (steps * 8, 65), generator=gen)
-    data = DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=8)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=cbs,
-    )
-    trainer.fit(_module(), data)
-    return times
+        return [
+            AttentionSensitivityMonitor(every_n_steps=every),
+            GradientFlowMonitor(every_n_steps=every),
+            TemperatureWarmup(tau_start=4.0, tau_end=1.0, warmup_steps=warmup),
+        ]
+    raise ValueError(f"unknown config {config!r}")
 
 
-def main() -> None:
-    """Print step-time ratios (callbacks / none) for unmeasured, measured and amortised steps."""
-    import logging
+def run_rounds(
+    configs: tuple[str, ...], steps: int, rounds: int, every: int, warmup: int
+) -> dict[str, list[Run]]:
+    data = make_data(steps)
+    timed_fit(make_module, make_data(6), callbacks_for("all", 6, every=5, warmup=3), 6)  # first-call costs
+    runs: dict[str, list[Run]] = {c: [] for c in configs}
+    for _ in range(rounds):
+        for c in configs:
+            runs[c].append(timed_fit(make_module, data, callbacks_for(c, steps, every, warmup), steps))
+    return runs
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
-    print(f"device: {device}; GPT 4x64, B=8, L=64; {STEPS} steps, every_n_steps={EVERY}, {REPEATS} repeats")
-    configs = ("none", "monitors", "all")
-    runs: dict[str, list[list[float]]] = {c: [] for c in configs}
-    _run("all", steps=6)  # warm-up: first-call costs (allocator, lazy imports, kernels) land here
-    for _ in range(REPEATS):
-        for c in configs:  # interleaved, so slow drifts of the machine hit every configuration alike
-            runs[c].append(_run(c))
-    measured = {EVERY, 2 * EVERY}
 
-    def stats(c: str) -> tuple[float, float, float]:
-        # per repeat: median of the unmeasured steps; across repeats the minimum (the least disturbed run);
-        # measured steps: the fastest one. Robust on a noisy shared machine.
-        un = min(
-            statistics.median(t for s, t in enumerate(r) if s >= 5 and s not in measured) for r in runs[c]
-        )
-        me = min(t for r in runs[c] for s, t in enumerate(r) if s in measured)
-        # amortised over one interval of every_n_steps
-        return un, me, un + (me - un) / EVERY
-
-    base = stats("none")
+def main(
+    steps: int | None = None, rounds: int | None = None, every: int = EVERY, warmup: int = WARMUP
+) -> dict[str, float]:
+    """Print (and return) the paired ratios described in the module docstring."""
+    quiet()
+    steps = steps or int(os.environ.get("BENCH_STEPS", STEPS))
+    rounds = rounds or int(os.environ.get("BENCH_ROUNDS", ROUNDS))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", THREADS)))
+    configs = ("none", "all", "temperature")
     print(
-        f"{'config':<10} {'unmeasured ms':>14} {'ratio':>7} {'measured ms':>12} {'ratio':>7} "
-        f"{'amortised ms':>13} {'ratio':>7}"
+        f"CPU ({torch.get_num_threads()} threads); TransformerEncoder LM {LAYERS}x{D}, {HEADS} heads, "
+        f"pre-LN, B={BATCH}, L={LENGTH}; {steps} steps, every_n_steps={every}, warmup {warmup}; {rounds} "
+        "rounds, interleaved"
     )
-    for c in configs:
-        un, me, am = stats(c)
-        print(
-            f"{c:<10} {1e3 * un:>14.2f} {un / base[0]:>7.3f} {1e3 * me:>12.2f} {me / base[1]:>7.3f} "
-            f"{1e3 * am:>13.2f} {am / base[2]:>7.3f}"
-        )
+    runs = run_rounds(configs, steps, rounds, every, warmup)
+    measured = {s for s in range(steps) if s % every == 0}
+    later = {s for s in measured if s > 0}
+    result: dict[str, float] = {}
+    for clock, cpu in (("wall", False), ("cpu", True)):
+
+        def unmeasured(r: Run, cpu: bool = cpu) -> float:
+            return median(steps_where(r, lambda s: s >= 3 and s not in measured, cpu=cpu))
+
+        total, un, temp, meas = [], [], [], []
+        for base, full, hook in zip(runs["none"], runs["all"], runs["temperature"]):
+            base_step = unmeasured(base)
+            base_times, full_times = (base.cpu_times, full.cpu_times) if cpu else (base.times, full.times)
+            total.append(sum(full_times) / sum(base_times))
+            un.append(unmeasured(full) / base_step)
+            temp.append(unmeasured(hook) / base_step)
+            # a measured step's extra time over the same run's median unmeasured step
+            extra = [t - unmeasured(full) for t in steps_where(full, lambda s: s in later, cpu=cpu)]
+            meas.append(median(extra) / base_step)
+        step_ms = 1e3 * median([unmeasured(r) for r in runs["none"]])
+        rows = [
+            ("all callbacks, whole run / none", "total_ratio", total),
+            ("unmeasured step, all callbacks / none", "unmeasured_ratio", un),
+            ("temperature hook active, step / none", "temperature_ratio", temp),
+            ("one measurement (extra time), in training steps", "measurement_steps", meas),
+        ]
+        print(f"\n{clock} clock: median training step without callbacks {step_ms:.1f} ms")
+        print(f"{'paired ratio (median over rounds)':<58}{'value':>8}   per round")
+        result[f"{clock}_step_ms"] = step_ms
+        for label, key, values in rows:
+            result[f"{clock}_{key}"] = median(values)
+            print(f"{label:<58}{median(values):>8.3f}   " + " ".join(f"{v:.3f}" for v in values))
+    return result
 
 
 if __name__ == "__main__":
