@@ -63,13 +63,16 @@ def tiny_mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[nn.Modu
 
 def tiny_gpt(
     dtype: torch.dtype = torch.float64, seed: int = 0, norm: str = "pre"
-) -> tuple[GPT, Callable[[], Tensor]]:
-    """A 2-layer demo GPT (d=4, 2 heads, vocab 7, L=4; about 400 parameters) with a next-token loss."""
+) -> tuple[GPT, Callable[..., Tensor]]:
+    """A 2-layer demo GPT (d=4, 2 heads, vocab 7, L=4; about 400 parameters) with a next-token loss.
+
+    The loss closure takes an optional model (a copy of the same shape) to evaluate instead.
+    """
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=2, n_head=2, n_embd=4, norm=norm))  # type: ignore[arg-type]
     model = model.to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     idx = torch.randint(0, 7, (3, 4), generator=g)
     tgt = torch.randint(0, 7, (3, 4), generator=g)
-    return model, lambda: model.loss(idx, tgt)
+    return model, lambda m=None: (m if m is not None else model).loss(idx, tgt)
 
