@@ -77,7 +77,9 @@ def test_full_batch_gd_reaches_the_edge_of_stability(tmp_path: Path) -> None:
     assert logger.metrics[f"{P}threshold"][0] == pytest.approx(2 / lr)
 
 
-def _fit(tmp: Path, cb: CurvatureMonitor | None, steps: int = 6) -> tuple[Regressor, pl.Trainer, MemoryLogger]:
+def _fit(
+    tmp: Path, cb: CurvatureMonitor | None, steps: int = 6
+) -> tuple[Regressor, pl.Trainer, MemoryLogger]:
     module = Regressor(lr=1e-2, opt="adamw", dropout=0.2, bn=True)
     logger = MemoryLogger()
     t = trainer(tmp, [cb] if cb else [], steps=steps, logger=logger)
@@ -99,10 +101,13 @@ def test_training_is_bitwise_unchanged(tmp_path: Path) -> None:
     assert torch.equal(rng_a, rng_b)
     assert log_a.metrics["train_loss"] == log_b.metrics["train_loss"]  # the probe loss was not logged
     assert sorted(log_a.metrics[f"{P}sharpness"]) == [0, 2, 4]
-    assert f"{P}precond_sharpness" in log_a.metrics and f"{P}taylor_ratio" in log_a.metrics
+    assert f"{P}precond_sharpness" in log_a.metrics
+    assert f"{P}taylor_ratio" in log_a.metrics
 
 
-def test_keys_backend_and_accumulation_on_a_transformer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_keys_backend_and_accumulation_on_a_transformer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cb = CurvatureMonitor(every_n_steps=2, iters=6, trace_samples=2, batch="fixed", strict=True)
     t = trainer(tmp_path, [cb], steps=4, logger="csv", accumulate_grad_batches=2)
     with caplog.at_level("INFO"):
@@ -111,8 +116,18 @@ def test_keys_backend_and_accumulation_on_a_transformer(tmp_path: Path, caplog: 
     assert sum("SDPA's math kernel" in r.message for r in caplog.records) == 1
     metrics = read_csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert sorted(metrics[f"{P}sharpness"]) == [0, 2]  # optimizer steps only, not micro-batches
-    for key in ("trace/layer_00", "trace/layer_01", "trace_type/attn_q", "trace_type/ffn", "trace_type/norm",
-                "trace_type/embedding", "taylor_first", "loss_change", "stability_ratio", "threshold"):
+    for key in (
+        "trace/layer_00",
+        "trace/layer_01",
+        "trace_type/attn_q",
+        "trace_type/ffn",
+        "trace_type/norm",
+        "trace_type/embedding",
+        "taylor_first",
+        "loss_change",
+        "stability_ratio",
+        "threshold",
+    ):
         assert f"{P}{key}" in metrics, key
     assert "stability/curvature/stability_ratio" in t.callback_metrics
 

@@ -145,8 +145,10 @@ def test_stability_thresholds() -> None:
     w = [torch.nn.Parameter(torch.zeros(1))]
     assert stability_threshold(torch.optim.SGD(w, lr=0.5)) == ("sgd", 4.0)
     kind, thr = stability_threshold(torch.optim.SGD(w, lr=0.1, momentum=0.9))  # type: ignore[misc]
-    assert kind == "sgd" and thr == pytest.approx(38.0)
+    assert kind == "sgd"
+    assert thr == pytest.approx(38.0)
     kind, thr = stability_threshold(torch.optim.Adam(w, lr=1e-3, betas=(0.9, 0.99)))  # type: ignore[misc]
-    assert kind == "adam" and thr == pytest.approx(38_000.0)
+    assert kind == "adam"
+    assert thr == pytest.approx(38_000.0)
     assert stability_threshold(torch.optim.SGD(w, lr=0.1), lrs=[0.2]) == ("sgd", 10.0)
     assert stability_threshold(torch.optim.RMSprop(w, lr=0.1)) is None

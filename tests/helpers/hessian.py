@@ -16,8 +16,8 @@ def dense_hessian(model: nn.Module, loss_of_model: Callable[[], Tensor]) -> Tens
     """``[n, n]`` Hessian of ``loss_of_model()`` w.r.t. the model's trainable parameters (in their order).
 
     Built with ``torch.autograd.functional.hessian`` on a flat vector put back through ``functional_call``
-    (``torch.nn.utils.stateless``; the model's own parameters are not touched). SDPA runs its math kernel (the only one with a double
-    backward on CPU).
+    (``torch.nn.utils.stateless``; the model's own parameters are not touched). SDPA runs its math kernel
+    (the only one with a double backward on CPU).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -33,8 +33,13 @@ def dense_hessian(model: nn.Module, loss_of_model: Callable[[], Tensor]) -> Tens
         with _patched_forward(model, params | buffers):
             return loss_of_model()
 
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.autograd.functional.hessian(f, flat0, vectorize=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped fixtures run before the single-thread fixture
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.autograd.functional.hessian(f, flat0, vectorize=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _patched_forward:
@@ -75,4 +80,3 @@ def tiny_gpt(
     idx = torch.randint(0, 7, (3, 4), generator=g)
     tgt = torch.randint(0, 7, (3, 4), generator=g)
     return model, lambda m=None: (m if m is not None else model).loss(idx, tgt)
-

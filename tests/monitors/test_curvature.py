@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import types
 
 import pytest
 import torch
@@ -89,7 +88,10 @@ def test_adam_preconditioned_sharpness_matches_dense(gpt64) -> None:  # type: ig
     out = core.reduce(core.measure(lambda: loss(model), opt))
     h = dense_hessian(before, lambda: loss(before))
     v_hat = torch.cat(
-        [(opt.state[p]["exp_avg_sq"] / (1 - 0.9 ** float(opt.state[p]["step"]))).reshape(-1) for p in model.parameters()]
+        [
+            (opt.state[p]["exp_avg_sq"] / (1 - 0.9 ** float(opt.state[p]["step"]))).reshape(-1)
+            for p in model.parameters()
+        ]
     )
     d = (v_hat.sqrt() + 1e-6).rsqrt()
     ref = float(torch.linalg.eigvalsh(d[:, None] * h * d[None, :])[-1])
@@ -110,7 +112,8 @@ def test_taylor_check_second_order_beats_first() -> None:
     opt.step()
     out = core.reduce(core.measure(loss, opt))
     obs, first, second = (out[f"{P}curvature/{k}"] for k in ("loss_change", "taylor_first", "taylor_second"))
-    assert obs < 0 and abs(second - obs) < 0.5 * abs(first - obs)
+    assert obs < 0
+    assert abs(second - obs) < 0.5 * abs(first - obs)
     assert out[f"{P}curvature/taylor_ratio"] == pytest.approx(obs / second)
     assert out[f"{P}curvature/threshold"] == pytest.approx(2 / 1e-3)
 
@@ -164,7 +167,8 @@ def test_measurement_leaves_training_state_bitwise(backend: str, train_mode: boo
     twin = (copy.deepcopy(model), copy.deepcopy(opt.state_dict()), torch.get_rng_state())
     before = _state(model, opt, scaler)
     out = core.reduce(core.measure(lambda: ((model(x) - y) ** 2).mean(), opt))
-    assert f"{P}curvature/sharpness" in out and f"{P}curvature/taylor_second" in out
+    assert f"{P}curvature/sharpness" in out
+    assert f"{P}curvature/taylor_second" in out
     after = _state(model, opt, scaler)
     for key in before:
         assert _equal(before[key], after[key]), key
@@ -199,7 +203,8 @@ def test_state_dict_restores_warm_start() -> None:
     core = CurvatureCore(model, iters=30, trace_samples=0)
     ref = core.reduce(core.measure(loss))[f"{P}curvature/sharpness"]
     state = core.state_dict()
-    assert state["count"] == 1 and state["backend"] == "double_backward"
+    assert state["count"] == 1
+    assert state["backend"] == "double_backward"
     warm = CurvatureCore(model, iters=2, trace_samples=0)
     warm.load_state_dict(state)
     assert torch.equal(warm.vectors["sharpness"], core.vectors["sharpness"])
@@ -228,7 +233,7 @@ def test_sublayer_names() -> None:
         assert sublayer_type(name, lin) == kind, name
     mha = nn.MultiheadAttention(4, 2)
     lengths, layers, kinds = parameter_segments(["layers.2.attn.in_proj_weight"], [mha.in_proj_weight], [mha])
-    assert lengths == [16, 16, 16] and layers == [2, 2, 2] and kinds == ["attn_q", "attn_k", "attn_v"]
+    assert (lengths, layers, kinds) == ([16, 16, 16], [2, 2, 2], ["attn_q", "attn_k", "attn_v"])
 
 
 def test_sharded_parameters_and_bad_arguments_refused() -> None:
@@ -237,7 +242,13 @@ def test_sharded_parameters_and_bad_arguments_refused() -> None:
     model.weight = fake_dtensor(torch.ones(2, 2))
     with pytest.raises(RuntimeError, match="FSDP2"):
         CurvatureCore(model)
-    for kwargs in ({"method": "svd"}, {"backend": "x"}, {"iters": 0}, {"trace_samples": -1}, {"fd_step": 2.0}):
+    for kwargs in (
+        {"method": "svd"},
+        {"backend": "x"},
+        {"iters": 0},
+        {"trace_samples": -1},
+        {"fd_step": 2.0},
+    ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             CurvatureCore(nn.Linear(2, 2), **kwargs)  # type: ignore[arg-type]
 
@@ -251,6 +262,6 @@ def test_failure_is_reported_once_and_disables() -> None:
 
     with pytest.warns(RuntimeWarning, match="boom"):
         out = core.reduce(core.measure(broken))
-    assert out == {} and not core.guard.active("curvature")
+    assert out == {}
+    assert not core.guard.active("curvature")
     assert core.reduce(core.measure(broken)) == {}
-    _ = types  # noqa: F841

@@ -25,7 +25,7 @@ def _run(model: nn.Module, train: nn.Module, x: torch.Tensor, y: torch.Tensor, d
     kwargs = {"all_reduce": distributed_all_reduce_mean()} if ddp else {}
     gather = distributed_all_gather() if ddp else None
     out: dict[str, float] = {}
-    for step in range(3):
+    for _ in range(3):
         opt.zero_grad()
         ((train(x) - y) ** 2).mean().backward()
         core.snapshot(opt)
@@ -50,7 +50,8 @@ def test_ddp_two_processes_match_single_process() -> None:
     ref = _run(model, model, x, y, ddp=False)
     assert ranks[0] == ranks[1]  # every rank logs the same values
     keys = [k for k in ref if "curvature/" in k]
-    assert "stability/curvature/precond_sharpness" in keys and "stability/curvature/taylor_second" in keys
+    assert "stability/curvature/precond_sharpness" in keys
+    assert "stability/curvature/taylor_second" in keys
     assert set(ranks[0]) == set(ref)
     for k in keys:
         assert ranks[0][k] == pytest.approx(ref[k], rel=1e-5, abs=1e-9), k

@@ -24,10 +24,14 @@ def test_curvature_figures_show_the_logged_values(tmp_path: Path) -> None:
     rep = write_report([run], tmp_path / "out")
     figs = {f.key: f for f in rep.figures}
     for key in ("curvature_sharpness", "curvature_traces", "curvature_taylor"):
-        assert figs[key].path is not None and figs[key].path.exists(), key
+        path = figs[key].path
+        assert path is not None, key
+        assert path.exists(), key
     (data,) = figs["curvature_sharpness"].data.values()
     sharp = data["curvature/precond_sharpness"]  # AdamW: the preconditioned value is the compared one
-    assert dict(zip(sharp.steps, sharp.values)) == pytest.approx(logged["stability/curvature/precond_sharpness"])
+    assert dict(zip(sharp.steps, sharp.values)) == pytest.approx(
+        logged["stability/curvature/precond_sharpness"]
+    )
     (taylor,) = figs["curvature_taylor"].data.values()
     obs = taylor["curvature/loss_change"]
     assert dict(zip(obs.steps, obs.values)) == pytest.approx(logged["stability/curvature/loss_change"])

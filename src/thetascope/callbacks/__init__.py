@@ -10,6 +10,6 @@ from thetascope.callbacks.gradients import GradientFlowMonitor
 from thetascope.callbacks.temperature import TemperatureWarmup
 
 __all__ = ["AttentionSensitivityMonitor", "GradientFlowMonitor", "TemperatureWarmup"]
-from thetascope.callbacks.curvature import CurvatureMonitor  # noqa: E402
+from thetascope.callbacks.curvature import CurvatureMonitor
 
 __all__ += ["CurvatureMonitor"]

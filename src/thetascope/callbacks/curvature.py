@@ -1,4 +1,4 @@
-"""CurvatureMonitor: loss sharpness against the edge-of-stability threshold, traces per block, Taylor check."""
+"""CurvatureMonitor: sharpness against the edge-of-stability threshold, traces per block, Taylor check."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class CurvatureMonitor(Callback):
     ``step = global_step`` of θ_t:
 
     * ``curvature/sharpness``: the top Hessian eigenvalue (Lanczos on Hessian-vector products, warm-started
-      from the previous measurement) and ``curvature/sharpness_residual`` (its convergence, ``‖Hx − λx‖/|λ|``);
+      from the previous measurement) and ``curvature/sharpness_residual`` (its convergence,
+      ``‖Hx − λx‖/|λ|``);
     * ``curvature/precond_sharpness`` for Adam/AdamW: ``λ_max(P⁻¹H)`` with the optimizer's own bias-corrected
       second moment plus eps as ``P``;
     * ``curvature/threshold`` (2/lr for SGD, ``(2 + 2β)/lr`` with momentum, ``(2 + 2β₁)/((1 − β₁) lr)`` for
@@ -217,7 +218,9 @@ class CurvatureMonitor(Callback):
         self._announced = True
         text = f"CurvatureMonitor: Hessian-vector products by {_BACKEND_TEXT[self.core.backend]}"
         if self.core.backend == "finite_difference" and self.core.backend_choice == "auto":
-            rank_zero_warn(f"{text}; double backward failed ({self.core.backend_note}).", category=UserWarning)
+            rank_zero_warn(
+                f"{text}; double backward failed ({self.core.backend_note}).", category=UserWarning
+            )
         else:
             rank_zero_info(text + ".")
 

@@ -19,6 +19,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ def _identity(t: Tensor) -> Tensor:
 
 
 def flatten(tensors: Sequence[Tensor | None], like: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """Concatenate ``tensors`` into one ``[n]`` vector of ``dtype``; a ``None`` entry counts as zeros of ``like``.
+    """Concatenate ``tensors`` into one ``[n]`` vector of ``dtype``; ``None`` counts as zeros of ``like``.
 
     Example:
         >>> a, b = torch.ones(2, 2), torch.zeros(3)
@@ -180,8 +181,8 @@ def finite_difference_hvp(
     """``H v ≈ (g(θ + εv) - g(θ - εv)) / 2ε``: two gradient evaluations per product, any kernel.
 
     ``ε = step · ‖v ⊙ θ‖ / ‖v‖²`` (``step`` from :func:`fd_step` of the parameters' dtype unless given), so
-    each product moves the parameters by ``step`` times their own magnitude along ``v``; kept on the device. The parameters are perturbed in place and restored bitwise from a copy after every
-    product.
+    each product moves the parameters by ``step`` times their own magnitude along ``v``; kept on the device.
+    The parameters are perturbed in place and restored bitwise from a copy after every product.
 
     Returns:
         ``(hvp, loss, grad)`` as :func:`double_backward_hvp`.
@@ -373,7 +374,7 @@ def adam_preconditioner(
     taken before a scheduler moved them.
     """
     lr_of: dict[int, float] = {}
-    group_of: dict[int, dict[str, object]] = {}
+    group_of: dict[int, dict[str, Any]] = {}
     for i, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             lr_of[id(p)] = float(lrs[i] if lrs is not None else group["lr"])
@@ -384,17 +385,17 @@ def adam_preconditioner(
     if lr_ref <= 0:
         return None
     parts = []
-    beta1 = float(group_of[id(params[0])]["betas"][0])  # type: ignore[index]
+    beta1 = float(group_of[id(params[0])]["betas"][0])
     for p in params:
         state = optimizer.state.get(p, {})
         group = group_of[id(p)]
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         if key not in state or "step" not in state:
             return None
-        _, beta2 = group["betas"]  # type: ignore[misc]
+        beta2 = float(group["betas"][1])
         step = float(state["step"])
-        v_hat = state[key].detach().to(dtype) / (1.0 - float(beta2) ** step)
-        p_diag = (v_hat.sqrt() + float(group["eps"])) * (lr_ref / lr_of[id(p)])  # type: ignore[arg-type]
+        v_hat = state[key].detach().to(dtype) / (1.0 - beta2**step)
+        p_diag = (v_hat.sqrt() + float(group["eps"])) * (lr_ref / lr_of[id(p)])
         parts.append(p_diag.reshape(-1).rsqrt())
     return torch.cat(parts), lr_ref, beta1
 

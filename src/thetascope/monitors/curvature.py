@@ -99,8 +99,10 @@ def sublayer_type(name: str, module: nn.Module | None) -> str:
         'attn_o'
         >>> sublayer_type("model.layers.3.mlp.down_proj.weight", nn.Linear(2, 2))
         'ffn'
-        >>> sublayer_type("blocks.1.ln_1.weight", nn.LayerNorm(2)), sublayer_type("wte.weight", nn.Embedding(2, 2))
-        ('norm', 'embedding')
+        >>> sublayer_type("blocks.1.ln_1.weight", nn.LayerNorm(2))
+        'norm'
+        >>> sublayer_type("wte.weight", nn.Embedding(2, 2))
+        'embedding'
     """
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -166,11 +168,14 @@ def distributed_all_reduce_mean(group: object | None = None) -> AllReduce:
     def reduce(t: Tensor) -> Tensor:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:  # type: ignore[arg-type]
+        if not (dist.is_available() and dist.is_initialized()):
+            return t
+        world = dist.get_world_size(group)  # type: ignore[arg-type]
+        if world == 1:
             return t
         out = t.detach().clone()
-        dist.all_reduce(out, group=group)  # type: ignore[arg-type]
-        return out / dist.get_world_size(group)  # type: ignore[arg-type]
+        dist.all_reduce(out, group=group)
+        return out / world
 
     return reduce
 
@@ -294,7 +299,7 @@ class CurvatureCore:
             )
 
     def parameters(self, optimizer: torch.optim.Optimizer | None = None) -> list[Tensor]:
-        """The measured parameters: the optimizer's (in group order) or the model's, trainable, deduplicated."""
+        """The measured parameters: the optimizer's (group order) or the model's; trainable, deduplicated."""
         source = (
             [p for g in optimizer.param_groups for p in g["params"]]
             if optimizer is not None
@@ -370,7 +375,9 @@ class CurvatureCore:
                 for m, mode in zip(modules, modes):
                     m.training = mode
 
-    def _seeded(self, loss_fn: Callable[[], Tensor], context: Callable[[], Any] | None) -> Callable[[], Tensor]:
+    def _seeded(
+        self, loss_fn: Callable[[], Tensor], context: Callable[[], Any] | None
+    ) -> Callable[[], Tensor]:
         seed = self.seed * 1_000_003 + self.count
 
         def call() -> Tensor:
@@ -431,7 +438,7 @@ class CurvatureCore:
         snap, self._snapshot = self._snapshot, None
         dtype = compute_dtype(params)
         device = params[0].device if params else torch.device("cpu")
-        lengths, seg_layer, seg_type, layer_ids = self._segments_for(params)
+        layer_ids = self._segments_for(params)[3]
         nan = torch.full((), math.nan, dtype=dtype, device=device)
         out: dict[str, Tensor] = {}
         if self.guard.active("curvature") and params:
@@ -543,7 +550,9 @@ class CurvatureCore:
             out["taylor_ratio"] = out["loss_change"] / second
         return out
 
-    def reduce(self, values: Mapping[str, Tensor], all_gather: AllGather = local_all_gather) -> dict[str, float]:
+    def reduce(
+        self, values: Mapping[str, Tensor], all_gather: AllGather = local_all_gather
+    ) -> dict[str, float]:
         """Full keys to floats with ONE collective; non-finite values are left out; equal on every rank.
 
         The measured values are already identical on every rank (everything was averaged inside
@@ -576,7 +585,10 @@ class CurvatureCore:
         for name in scalars:
             if name in red:
                 metrics[f"{p}curvature/{name}"] = float(red[name])
-        for col, field in (("trace_layers", "curvature/trace"), ("trace_layers_stderr", "curvature/trace_stderr")):
+        for col, field in (
+            ("trace_layers", "curvature/trace"),
+            ("trace_layers_stderr", "curvature/trace_stderr"),
+        ):
             if col in red:
                 for lid, v in zip(self.layer_ids, red[col].tolist()):
                     metrics[layer_key(p, field, lid)] = v

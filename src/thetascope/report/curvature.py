@@ -29,10 +29,10 @@ def fig_curvature_sharpness(runs: Sequence[RunData], out_dir: Path) -> FigureRes
     res = FigureResult(
         "curvature_sharpness",
         "Sharpness against the edge-of-stability threshold",
-        "Top Hessian eigenvalue of the loss on the held batch (solid; for Adam the preconditioned λ_max(P⁻¹H) "
-        "with the optimizer's own second moment) and the optimizer's stability threshold at the step's learning "
-        "rate (dashed: 2/lr for SGD, (2+2β₁)/((1−β₁)·lr) for Adam). Reaching the dashed line is the edge of "
-        "stability; staying far below it means the learning rate is not what limits progress.",
+        "Top Hessian eigenvalue of the loss on the held batch (solid; for Adam the preconditioned "
+        "λ_max(P⁻¹H) with the optimizer's own second moment) and the optimizer's stability threshold at the "
+        "step's learning rate (dashed: 2/lr for SGD, (2+2β₁)/((1−β₁)·lr) for Adam). Reaching the dashed line "
+        "is the edge of stability; staying far below it means the learning rate is not what limits progress.",
     )
     fig, axes = _new_figure(10, 4.5)
     ax = axes[0][0]
@@ -58,14 +58,16 @@ def fig_curvature_traces(runs: Sequence[RunData], out_dir: Path) -> FigureResult
     res = FigureResult(
         "curvature_traces",
         "Where the curvature lives: Hessian trace per sublayer type",
-        "Hutchinson estimate of the trace of each diagonal Hessian block, summed per sublayer type (attention "
-        "Q, K, V, O, feed-forward, norms, embeddings, head), at each run's last measurement; error bars are "
-        "one standard error of the estimate.",
+        "Hutchinson estimate of the trace of each diagonal Hessian block, summed per sublayer type "
+        "(attention Q, K, V, O, feed-forward, norms, embeddings, head), at each run's last measurement; "
+        "error bars are one standard error of the estimate.",
     )
     fig, axes = _new_figure(10, 4.5)
     ax = axes[0][0]
     types = [
-        t for t in CURVATURE_SUBLAYER_TYPES if any(r.get(f"curvature/trace_type/{t}") is not None for r in runs)
+        t
+        for t in CURVATURE_SUBLAYER_TYPES
+        if any(r.get(f"curvature/trace_type/{t}") is not None for r in runs)
     ]
     width = 0.8 / max(len(runs), 1)
     for i, (run, color) in enumerate(zip(runs, _colors(len(runs)))):
