@@ -87,7 +87,7 @@ def fig_curvature_traces(runs: Sequence[RunData], out_dir: Path) -> FigureResult
         ax.bar([j + i * width for j in shown], vals, width, yerr=errs, color=color, label=run.name, capsize=2)
     if not res.data:
         return res
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types)
+    ax.set_xticks([j + (len(runs) - 1) * width / 2 for j in range(len(types))], types)
     ax.axhline(0.0, color="black", lw=0.6)
     ax.set_xlabel("sublayer type")
     ax.set_ylabel("trace (sum of eigenvalues)")
