@@ -279,6 +279,8 @@ def lanczos_top(hvp: HVP, v0: Tensor, iters: int, generator: torch.Generator | N
     beta = torch.zeros(m, dtype=dtype, device=device)
     q = _unit(v0)
     tol = torch.finfo(dtype).eps ** 0.5
+    # one random vector (drawn once, on the CPU so every rank draws the same) continues an exhausted basis
+    fresh = torch.randn(n, generator=generator, dtype=dtype, device="cpu").to(device) if m > 1 else None
     for j in range(m):
         basis[j] = q
         w = hvp(q)
@@ -288,8 +290,8 @@ def lanczos_top(hvp: HVP, v0: Tensor, iters: int, generator: torch.Generator | N
             w = w - prev.T @ (prev @ w)
         b = torch.linalg.vector_norm(w)
         beta[j] = b
-        if j + 1 < m:
-            r = torch.randn(n, generator=generator, dtype=dtype, device="cpu").to(device)
+        if j + 1 < m and fresh is not None:
+            r = fresh
             for _ in range(2):
                 r = r - prev.T @ (prev @ r)
             scale = b.abs() + torch.linalg.vector_norm(alpha[: j + 1]).clamp_min(1.0)
