@@ -156,6 +156,6 @@ def test_stability_thresholds() -> None:
 
 def test_lanczos_continues_past_an_invariant_start() -> None:
     h = torch.diag(torch.tensor([3.0, 1.0, -5.0, 2.0], dtype=torch.float64))
-    v0 = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # an eigenvector: the Krylov space ends at once
+    v0 = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # an eigenvector: Krylov space ends
     res = lanczos_top(lambda v: h @ v, v0, 4, generator=torch.Generator().manual_seed(0))
     assert float(res.value) == pytest.approx(3.0, rel=1e-10)
