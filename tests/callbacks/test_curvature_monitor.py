@@ -168,3 +168,26 @@ def test_sharded_strategies_and_bad_arguments_refused() -> None:
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             CurvatureMonitor(**kwargs)  # type: ignore[arg-type]
     assert CurvatureMonitor(batch="fixed").state_key != CurvatureMonitor().state_key
+
+
+def test_unmeasured_steps_cost_nothing(tmp_path: Path) -> None:
+    from tests.helpers.sync import SyncSpy
+
+    cb = CurvatureMonitor(every_n_steps=100, iters=2, trace_samples=0)
+    calls: list[str] = []
+    for hook in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
+        fn = getattr(cb, hook)
+
+        def spied(trainer: pl.Trainer, *args: Any, __fn: Any = fn) -> Any:
+            if trainer.global_step == 0 or cb._pending is not None:  # step 0, measured after its update
+                return __fn(trainer, *args)
+            with SyncSpy() as spy:
+                out = __fn(trainer, *args)
+            calls.extend(spy.calls)
+            return out
+
+        setattr(cb, hook, spied)
+    t = trainer(tmp_path, [cb], steps=5, logger=None)
+    t.fit(LM("demo-pre", d=16, n_head=2), token_data())
+    assert cb.core.count == 1  # step 0 only
+    assert calls == []

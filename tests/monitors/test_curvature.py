@@ -265,3 +265,23 @@ def test_failure_is_reported_once_and_disables() -> None:
     assert out == {}
     assert not core.guard.active("curvature")
     assert core.reduce(core.measure(broken)) == {}
+
+
+def test_snapshot_and_measure_read_nothing_back_to_the_host() -> None:
+    from tests.helpers.sync import SyncSpy
+
+    model, loss = tiny_gpt(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss().backward()
+    opt.step()
+    core = CurvatureCore(model, iters=3, trace_samples=2)
+    core.reduce(core.measure(loss, opt))  # resolves the backend (its probe may raise and be caught)
+    opt.zero_grad()
+    loss().backward()
+    with SyncSpy() as spy:
+        core.snapshot(opt)
+    opt.step()  # AdamW itself reads its step counts
+    with SyncSpy() as spy2:
+        values = core.measure(loss, opt)
+    assert spy.calls + spy2.calls == []
+    assert f"{P}curvature/precond_sharpness" in core.reduce(values)  # reduce is where the host reads

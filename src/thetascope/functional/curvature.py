@@ -395,8 +395,10 @@ def adam_preconditioner(
         if key not in state or "step" not in state:
             return None
         beta2 = float(group["betas"][1])
-        step = float(state["step"])
-        v_hat = state[key].detach().to(dtype) / (1.0 - beta2**step)
+        v = state[key].detach().to(dtype)
+        # the step count may be a tensor (on the device for capturable Adam): keep it there, no host read
+        step = torch.as_tensor(state["step"], dtype=dtype).to(v.device)
+        v_hat = v / (1.0 - torch.pow(torch.tensor(beta2, dtype=dtype, device=v.device), step))
         p_diag = (v_hat.sqrt() + float(group["eps"])) * (lr_ref / lr_of[id(p)])
         parts.append(p_diag.reshape(-1).rsqrt())
     return torch.cat(parts), lr_ref, beta1
