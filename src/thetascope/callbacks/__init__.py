@@ -12,3 +12,6 @@ from thetascope.callbacks.temperature import TemperatureWarmup
 
 __all__ = ["AttentionSensitivityMonitor", "GradientFlowMonitor", "TemperatureWarmup"]
 __all__ += ["SignalPropagationMonitor"]
+from thetascope.callbacks.curvature import CurvatureMonitor
+
+__all__ += ["CurvatureMonitor"]

@@ -319,6 +319,10 @@ def stability_callbacks(preset: Preset, variant: Variant) -> tuple[list[L.Callba
     )
     # Spikes are counted and shown in the report; a warning per spike would drown the progress lines.
     _try("GradientFlowMonitor", every_n_steps=preset.measure_every, spike_action="none")
+    if variant.name in ("pre_ln-no_warmup", "post_ln-no_warmup"):
+        # Curvature for the pre-LN vs post-LN pair only, three times a run: one measurement costs about 35
+        # training steps (benchmarks/bench_curvature.py), about +10 % on the default preset's 7 x 300 steps.
+        _try("CurvatureMonitor", every_n_steps=max(preset.max_steps // 3, 1), iters=8, trace_samples=2)
     if variant.warmup == "temperature":
         _try(
             "TemperatureWarmup",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from thetascope.report.curvature import curvature_figures
 from thetascope.report.figures import FigureResult, draw_all
 from thetascope.report.reader import (
     FINDINGS_COLUMNS,
@@ -159,6 +160,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     figures = draw_all(runs, out)
     figures += signal_figures(runs, list(run_dirs), out)  # APJN vs depth, only when there is data
+    figures += curvature_figures(runs, out)  # drawn only for runs with the CurvatureMonitor
     findings = [compute_findings(r) for r in runs]
     notes: list[str] = []
     for fig in figures:
