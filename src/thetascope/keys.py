@@ -93,6 +93,31 @@ def layer_key(prefix: str, name: str, index: int, stack: str | None = None) -> s
     return f"{prefix}{name}/layer_{index:02d}"
 
 
+def parse_layer_key(key: str, prefix: str = "") -> tuple[str, str | None, int] | None:
+    """``(field, stack, index)`` of a per-layer key written by :func:`layer_key`, else ``None``.
+
+    ``prefix`` is removed first when ``key`` starts with it. A stack is recognised only among
+    :data:`STACKS`, so fields that hold a slash (``grad_norm/layer_02``) parse as fields.
+
+    Example:
+        >>> parse_layer_key("stability/theta_max/layer_03", "stability/")
+        ('theta_max', None, 3)
+        >>> parse_layer_key("theta_max/decoder_cross/layer_01")
+        ('theta_max', 'decoder_cross', 1)
+        >>> parse_layer_key("stability/theta_max") is None
+        True
+    """
+    if prefix and key.startswith(prefix):
+        key = key[len(prefix) :]
+    m = _LAYER_RE.match(key)
+    if m is None:
+        return None
+    field, stack = m["field"], m["stack"]
+    if stack is not None and stack not in STACKS:
+        field, stack = f"{field}/{stack}", None
+    return field, stack, int(m["index"])
+
+
 # ---------------------------------------------------------------------------------- gradient, temperature
 # Written by monitors.gradient.GradientFlowCore (callbacks.GradientFlowMonitor) and
 # monitors.temperature.TemperatureController (callbacks.TemperatureWarmup); read by report/.
@@ -120,8 +145,6 @@ GRAD_NONFINITE = "grad/nonfinite"
 SPIKE_FIELDS: tuple[str, ...] = (GRAD_SPIKE, GRAD_SPIKE_COUNT, LOSS_SPIKE_COUNT, GRAD_NONFINITE)
 #: Image key of the layer x step heatmap of the per-layer gradient norms.
 GRAD_NORM_HEATMAP = "grad_norm/heatmap"
-#: The attention temperature applied at a step.
-TEMPERATURE = "temperature"
 
 __all__ += [
     "GRADIENT_LAYER_FIELDS",
@@ -135,33 +158,7 @@ __all__ += [
     "PATHOLOGY_FIELDS",
     "PATHOLOGY_GROUP",
     "SPIKE_FIELDS",
-    "TEMPERATURE",
 ]
-
-
-def parse_layer_key(key: str, prefix: str = "") -> tuple[str, str | None, int] | None:
-    """``(field, stack, index)`` of a per-layer key written by :func:`layer_key`, else ``None``.
-
-    ``prefix`` is removed first when ``key`` starts with it. A stack is recognised only among
-    :data:`STACKS`, so fields that hold a slash (``grad_norm/layer_02``) parse as fields.
-
-    Example:
-        >>> parse_layer_key("stability/theta_max/layer_03", "stability/")
-        ('theta_max', None, 3)
-        >>> parse_layer_key("theta_max/decoder_cross/layer_01")
-        ('theta_max', 'decoder_cross', 1)
-        >>> parse_layer_key("stability/theta_max") is None
-        True
-    """
-    if prefix and key.startswith(prefix):
-        key = key[len(prefix) :]
-    m = _LAYER_RE.match(key)
-    if m is None:
-        return None
-    field, stack = m["field"], m["stack"]
-    if stack is not None and stack not in STACKS:
-        field, stack = f"{field}/{stack}", None
-    return field, stack, int(m["index"])
 
 
 # ------------------------------------------------------------------------------------- signal propagation
