@@ -5,13 +5,13 @@ Nothing here runs on unmeasured steps; every function may sync (it is only calle
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from thetascope.callbacks._loggers import write_images, write_scalars
 from thetascope.monitors._collective import AllGather, PackedValues, reduce_packed
 
 if TYPE_CHECKING:
@@ -72,9 +72,7 @@ def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float], step: int)
     """
     if not metrics or not trainer.is_global_zero:
         return
-    clean = {k: float(v) for k, v in metrics.items()}
-    for logger in trainer.loggers:
-        logger.log_metrics(clean, step=step)
+    write_scalars(trainer.loggers, metrics, step)
 
 
 def publish_callback_metrics(
@@ -94,28 +92,17 @@ def publish_callback_metrics(
 
 
 def log_images(trainer: pl.Trainer, images: Mapping[str, Any], step: int) -> int:
-    """Send HWC uint8 images to loggers that take images (TensorBoard, W&B); returns how many were written.
+    """Send HWC uint8 images to the loggers that take images (TensorBoard, W&B, MLflow); returns how many.
 
-    Rank zero only. Loggers without image support (CSV) are skipped silently.
+    Rank zero only; each logger through its own API (see :mod:`thetascope.callbacks._loggers`), at most once
+    per ``trainer.log_every_n_steps`` steps per tag. A logger that takes no images (CSV) is warned about once.
     """
     if not images or not trainer.is_global_zero:
         return 0
-    written = 0
-    for logger in trainer.loggers:
-        kind = type(logger).__name__
-        try:
-            if kind == "TensorBoardLogger":
-                exp = logger.experiment  # type: ignore[attr-defined]
-                for tag, img in images.items():
-                    exp.add_image(tag, img, global_step=step, dataformats="HWC")
-                    written += 1
-            elif kind == "WandbLogger":
-                for tag, img in images.items():
-                    logger.log_image(key=tag, images=[img], step=step)  # type: ignore[attr-defined]
-                    written += 1
-        except Exception as err:  # an image is never worth breaking training for
-            warnings.warn(f"thetascope: could not log heatmap images to {kind}: {err}", stacklevel=2)
-    return written
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    every = int(getattr(trainer, "log_every_n_steps", 1) or 1)
+    return write_images(trainer.loggers, images, step, every=every, warn=rank_zero_warn)
 
 
 def warn_if_state_missing(callback: Any, checkpoint: Mapping[str, Any]) -> None:
