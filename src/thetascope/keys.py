@@ -7,6 +7,8 @@ cross-attention) keep apart as ``{prefix}{field}/{stack}/layer_XX``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 __all__ = ["DEFAULT_PREFIX", "layer_key"]
 
 #: Prefix of every key unless the user passes another.
@@ -25,3 +27,26 @@ def layer_key(prefix: str, name: str, index: int, stack: str | None = None) -> s
     if stack:
         return f"{prefix}{name}/{stack}/layer_{index:02d}"
     return f"{prefix}{name}/layer_{index:02d}"
+
+
+# ------------------------------------------------------------------------------ summary mode (integrations)
+__all__ += ["LOG_MODES", "SUMMARY_HEADLINE_KEYS", "headline_only"]
+
+#: What ``log=`` accepts: every key, or only the headline keys.
+LOG_MODES: tuple[str, ...] = ("all", "summary")
+#: The keys ``log="summary"`` keeps (without prefix): the worst theta and sensitivity over layers, the
+#: global gradient norm.
+SUMMARY_HEADLINE_KEYS: tuple[str, ...] = ("theta_max", "sensitivity_max", "grad_norm_global")
+
+
+def headline_only(
+    metrics: Mapping[str, float], prefix: str = DEFAULT_PREFIX, headline: Iterable[str] | None = None
+) -> dict[str, float]:
+    """The entries of ``metrics`` whose key is ``{prefix}{h}`` for a headline field ``h``.
+
+    Example:
+        >>> headline_only({"stability/theta_max": 1.0, "stability/theta_max/layer_00": 0.9})
+        {'stability/theta_max': 1.0}
+    """
+    wanted = {f"{prefix}{h}" for h in (SUMMARY_HEADLINE_KEYS if headline is None else headline)}
+    return {k: v for k, v in metrics.items() if k in wanted}

@@ -5,6 +5,7 @@ Nothing here runs on unmeasured steps; every function may sync (it is only calle
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,17 +13,20 @@ import torch
 from torch import Tensor
 
 from thetascope.callbacks._loggers import write_images, write_scalars
+from thetascope.keys import DEFAULT_PREFIX, headline_only
 from thetascope.monitors._collective import AllGather, PackedValues, reduce_packed
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "fit_end_diagnosis",
     "gather_host_ints",
     "gather_reduce",
     "log_images",
     "log_to_loggers",
     "publish_callback_metrics",
+    "record_history",
     "refuse_sharded",
     "trainer_all_gather",
     "warn_if_state_missing",
@@ -63,16 +67,71 @@ def gather_reduce(trainer: pl.Trainer, packed: PackedValues, device: torch.devic
     return reduce_packed(packed, trainer_all_gather(trainer), device)
 
 
-def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+def log_to_loggers(
+    trainer: pl.Trainer,
+    metrics: Mapping[str, float],
+    step: int,
+    mode: str = "all",
+    prefix: str = DEFAULT_PREFIX,
+) -> None:
     """Write scalars to every attached logger at ``step``, from global rank zero only.
 
     We write to the loggers directly (not through ``LightningModule.log``) so the values land at exactly the
     measured optimizer step whatever ``log_every_n_steps`` is, and so no metric reduction is added on top of
-    ours.
+    ours. With ``mode="summary"`` only the headline keys are written; every value is still kept (host floats,
+    thinned on long runs) for the diagnosis at fit end.
     """
     if not metrics or not trainer.is_global_zero:
         return
-    write_scalars(trainer.loggers, metrics, step)
+    record_history(trainer, metrics, step)
+    write_scalars(trainer.loggers, headline_only(metrics, prefix) if mode == "summary" else metrics, step)
+
+
+# What the callbacks of one Trainer logged, for the diagnosis at fit end (rank zero; weak: dies with the
+# Trainer). At most _HISTORY_MAX points per key: past that every other point is dropped, so a long run keeps
+# an evenly thinned history with its first and latest measurements.
+_HISTORY_MAX = 1024
+_histories: weakref.WeakKeyDictionary[Any, dict[str, list[tuple[int, float]]]] = weakref.WeakKeyDictionary()
+_diagnosed: weakref.WeakKeyDictionary[Any, tuple[int, Any]] = weakref.WeakKeyDictionary()
+
+
+def record_history(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Keep ``metrics`` at ``step`` in the trainer's history (what :func:`fit_end_diagnosis` reads)."""
+    hist = _histories.setdefault(trainer, {})
+    for key, value in metrics.items():
+        series = hist.setdefault(key, [])
+        if series and series[-1][0] == step:
+            series[-1] = (step, float(value))
+            continue
+        series.append((int(step), float(value)))
+        if len(series) > _HISTORY_MAX:
+            del series[1:-1:2]
+
+
+def fit_end_diagnosis(trainer: pl.Trainer, prefix: str = DEFAULT_PREFIX) -> Any:
+    """The :class:`~thetascope.report.diagnosis.Diagnosis` of what this trainer's callbacks logged.
+
+    Rank zero only (None elsewhere, and when nothing was logged). Every thetascope callback calls it at fit
+    end; the table is computed and written to the console log once per fit, the later callers get the same
+    object.
+    """
+    if not trainer.is_global_zero:
+        return None
+    hist = _histories.get(trainer)
+    if not hist:
+        return None
+    marker = sum(len(v) for v in hist.values())
+    done = _diagnosed.get(trainer)
+    if done is not None and done[0] == marker:
+        return done[1]
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from thetascope.report.diagnosis import diagnose
+
+    diagnosis = diagnose(hist, run=type(trainer.lightning_module).__name__, prefix=prefix)
+    _diagnosed[trainer] = (marker, diagnosis)
+    rank_zero_info(diagnosis.text())
+    return diagnosis
 
 
 def publish_callback_metrics(

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from thetascope._validation import check_layers_arg, check_positive_int, check_prefix, select_layers
 from thetascope.callbacks._lightning import (
+    fit_end_diagnosis,
     gather_host_ints,
     gather_reduce,
     log_images,
@@ -26,7 +27,7 @@ from thetascope.callbacks._lightning import (
     warn_unreadable_state,
 )
 from thetascope.capture.registry import shared_probe
-from thetascope.keys import layer_key
+from thetascope.keys import LOG_MODES, layer_key
 from thetascope.monitors._collective import PackedValues
 from thetascope.monitors._guard import FailureGuard
 from thetascope.report.heatmap import HeatmapHistory
@@ -113,6 +114,9 @@ class AttentionSensitivityMonitor(Callback):
         prog_bar: also show the headline values in the progress bar.
         log_heatmap: log layer x step heatmaps of theta_max and sensitivity to loggers that take images.
         strict: raise on a failed measurement instead of warning once and disabling it.
+        log: ``"all"`` logs every key, ``"summary"`` only the headline keys (``theta_max``,
+            ``sensitivity_max``, ``grad_norm_global``). Either way the diagnosis at fit end (printed on rank
+            zero, kept in ``self.diagnosis``) reads every value.
 
     Example:
         >>> from thetascope.callbacks import AttentionSensitivityMonitor
@@ -133,8 +137,14 @@ class AttentionSensitivityMonitor(Callback):
         prog_bar: bool = False,
         log_heatmap: bool = True,
         strict: bool = False,
+        log: str = "all",
     ) -> None:
         super().__init__()
+        if log not in LOG_MODES:
+            raise ValueError(f"log must be one of {LOG_MODES}, got {log!r}")
+        self.log_mode = log
+        #: The diagnosis of the run, set at fit end on global rank zero (None elsewhere).
+        self.diagnosis: Any = None
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.rows_per_head = check_positive_int("rows_per_head", rows_per_head)
         if isinstance(exact_top, bool) or not isinstance(exact_top, int) or not 1 <= exact_top <= 20:
@@ -212,6 +222,10 @@ class AttentionSensitivityMonitor(Callback):
         elif n_layers >= 0:  # after the agreement, so that every rank gets here or none does
             select_layers(self.layers, n_layers)  # a bad layers= is a configuration error: raise it now
         self._restore_captures()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.diagnosis = fit_end_diagnosis(trainer, self.prefix)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -480,7 +494,7 @@ class AttentionSensitivityMonitor(Callback):
         if not self._temperature_logged_elsewhere(trainer):
             metrics[f"{p}temperature"] = tau
         metrics.update(headline)
-        log_to_loggers(trainer, metrics, step)
+        log_to_loggers(trainer, metrics, step, self.log_mode, self.prefix)
         publish_callback_metrics(trainer, headline, prog_bar=self.prog_bar)
         if self.log_heatmap and layers:
             self._heat_theta.append(step, theta_col)

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from thetascope._validation import check_layers_arg, check_positive_int, check_prefix, select_layers
 from thetascope.callbacks._lightning import (
+    fit_end_diagnosis,
     gather_reduce,
     log_images,
     log_to_loggers,
@@ -24,7 +25,7 @@ from thetascope.callbacks._lightning import (
     warn_if_state_missing,
     warn_unreadable_state,
 )
-from thetascope.keys import layer_key
+from thetascope.keys import LOG_MODES, layer_key
 from thetascope.monitors._collective import PackedValues
 from thetascope.monitors._guard import FailureGuard
 from thetascope.report.heatmap import HeatmapHistory
@@ -76,6 +77,9 @@ class GradientFlowMonitor(Callback):
         prefix: key prefix.
         log_heatmap: log a layer x step heatmap of the per-layer norms to loggers that take images.
         strict: raise on a failed measurement instead of warning once and disabling it.
+        log: ``"all"`` logs every key, ``"summary"`` only the headline keys (``theta_max``,
+            ``sensitivity_max``, ``grad_norm_global``). Either way the diagnosis at fit end (printed on rank
+            zero, kept in ``self.diagnosis``) reads every value.
 
     Example:
         >>> from thetascope.callbacks import GradientFlowMonitor
@@ -94,8 +98,14 @@ class GradientFlowMonitor(Callback):
         prefix: str = "stability/",
         log_heatmap: bool = True,
         strict: bool = False,
+        log: str = "all",
     ) -> None:
         super().__init__()
+        if log not in LOG_MODES:
+            raise ValueError(f"log must be one of {LOG_MODES}, got {log!r}")
+        self.log_mode = log
+        #: The diagnosis of the run, set at fit end on global rank zero (None elsewhere).
+        self.diagnosis: Any = None
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         if spike_action not in SPIKE_ACTIONS:
             raise ValueError(f"spike_action must be one of {list(SPIKE_ACTIONS)}, got {spike_action!r}")
@@ -206,6 +216,10 @@ class GradientFlowMonitor(Callback):
             self._nonfinite_total = self._counter(like) + r.get("nonfinite", 0)
             self._grad_spikes_since = self._counter(like) + r.get("grad_spikes_since", 0)
             self._loss_spikes_since = self._counter(like) + r.get("loss_spikes_since", 0)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.diagnosis = fit_end_diagnosis(trainer, self.prefix)
 
     @override
     def on_before_optimizer_step(
@@ -354,7 +368,7 @@ class GradientFlowMonitor(Callback):
         metrics[f"{p}loss/spike_count"] = float(reduced["loss_spike_count"])
         metrics[f"{p}grad/nonfinite"] = float(reduced["nonfinite"])
 
-        log_to_loggers(trainer, metrics, step)
+        log_to_loggers(trainer, metrics, step, self.log_mode, self.prefix)
         if math.isfinite(glob):
             publish_callback_metrics(trainer, {f"{p}grad_norm_global": glob})
         if spike and self.spike_action == "warn":
