@@ -237,7 +237,10 @@ class StabilityCallback(TrainerCallback):
             self.history.setdefault(k, []).append((step, v))
         shown = headline_only(values, self.prefix) if self.log_mode == "summary" else values
         if self.trainer is not None:
+            # Trainer.log resets control.should_log (its own loss row of this step would be dropped): keep it
+            should_log = control.should_log
             self.trainer.log(dict(shown))
+            control.should_log = should_log
         else:
             self._pending = dict(shown)
             control.should_log = True
