@@ -14,6 +14,8 @@ from thetascope import keys
 from thetascope._validation import (
     check_bool,
     check_layers_arg,
+    check_open_fraction,
+    check_positive_float,
     check_positive_int,
     check_prefix,
     select_layers,
@@ -28,23 +30,6 @@ __all__ = ["MEASUREMENTS", "GradientFlowCore"]
 MEASUREMENTS: tuple[str, ...] = ("grad_norms", "grad_spike", "loss_spike", "pathology")
 
 Block = tuple[str | None, int]  # (stack or None, layer index)
-
-
-def _check_threshold(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"spike_threshold must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_fraction(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"vanishing_fraction must be a number in (0, 1), got {value!r}")
-    return float(value)
 
 
 class GradientFlowCore:
@@ -101,8 +86,8 @@ class GradientFlowCore:
         strict: bool = False,
     ) -> None:
         self.spike_window = check_positive_int("spike_window", spike_window, minimum=3)
-        self.spike_threshold = _check_threshold(spike_threshold)
-        self.vanishing_fraction = _check_fraction(vanishing_fraction)
+        self.spike_threshold = check_positive_float("spike_threshold", spike_threshold)
+        self.vanishing_fraction = check_open_fraction("vanishing_fraction", vanishing_fraction)
         self.layers = check_layers_arg(layers)
         self.prefix = check_prefix(prefix)
         self.strict = check_bool("strict", strict)
