@@ -79,7 +79,8 @@ def log_to_loggers(
     We write to the loggers directly (not through ``LightningModule.log``) so the values land at exactly the
     measured optimizer step whatever ``log_every_n_steps`` is, and so no metric reduction is added on top of
     ours. With ``mode="summary"`` only the headline keys are written; every value is still kept (host floats,
-    thinned on long runs) for the diagnosis at fit end.
+    thinned on long runs: :class:`~thetascope.report.diagnosis.MeasuredHistory`) for the diagnosis at fit
+    end.
     """
     if not metrics or not trainer.is_global_zero:
         return
@@ -88,24 +89,19 @@ def log_to_loggers(
 
 
 # What the callbacks of one Trainer logged, for the diagnosis at fit end (rank zero; weak: dies with the
-# Trainer). At most _HISTORY_MAX points per key: past that every other point is dropped, so a long run keeps
-# an evenly thinned history with its first and latest measurements.
-_HISTORY_MAX = 1024
-_histories: weakref.WeakKeyDictionary[Any, dict[str, list[tuple[int, float]]]] = weakref.WeakKeyDictionary()
+# Trainer), and the diagnosis already given for it with the history size it was computed from.
+_histories: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _diagnosed: weakref.WeakKeyDictionary[Any, tuple[int, Any]] = weakref.WeakKeyDictionary()
 
 
 def record_history(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
     """Keep ``metrics`` at ``step`` in the trainer's history (what :func:`fit_end_diagnosis` reads)."""
-    hist = _histories.setdefault(trainer, {})
-    for key, value in metrics.items():
-        series = hist.setdefault(key, [])
-        if series and series[-1][0] == step:
-            series[-1] = (step, float(value))
-            continue
-        series.append((int(step), float(value)))
-        if len(series) > _HISTORY_MAX:
-            del series[1:-1:2]
+    hist = _histories.get(trainer)
+    if hist is None:
+        from thetascope.report.diagnosis import MeasuredHistory
+
+        hist = _histories[trainer] = MeasuredHistory()
+    hist.add(step, metrics)
 
 
 def fit_end_diagnosis(trainer: pl.Trainer, prefix: str = DEFAULT_PREFIX) -> Any:
@@ -118,17 +114,16 @@ def fit_end_diagnosis(trainer: pl.Trainer, prefix: str = DEFAULT_PREFIX) -> Any:
     if not trainer.is_global_zero:
         return None
     hist = _histories.get(trainer)
-    if not hist:
+    if hist is None or not len(hist):
         return None
-    marker = sum(len(v) for v in hist.values())
+    marker = len(hist)
     done = _diagnosed.get(trainer)
     if done is not None and done[0] == marker:
         return done[1]
     from lightning.pytorch.utilities import rank_zero_info
 
-    from thetascope.report.diagnosis import diagnose
-
-    diagnosis = diagnose(hist, run=type(trainer.lightning_module).__name__, prefix=prefix)
+    hist.prefix = prefix
+    diagnosis = hist.diagnose(run=type(trainer.lightning_module).__name__)
     _diagnosed[trainer] = (marker, diagnosis)
     rank_zero_info(diagnosis.text())
     return diagnosis

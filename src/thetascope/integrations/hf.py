@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from thetascope._validation import check_bool, check_layers_arg, check_positive_int, check_prefix
 from thetascope.keys import DEFAULT_PREFIX, LOG_MODES, headline_only
 from thetascope.monitors._collective import AllGather, distributed_all_gather, local_all_gather
+from thetascope.report.diagnosis import MeasuredHistory
 
 __all__ = ["StabilityCallback"]
 
@@ -122,8 +123,8 @@ class StabilityCallback(TrainerCallback):
         self.att: Any = None
         self.grad: Any = None
         self.temp: Any = None
-        #: key -> [(step, value)] of everything measured (host floats), what the diagnosis reads.
-        self.history: dict[str, list[tuple[int, float]]] = {}
+        #: Everything measured (host floats, every key also in summary mode): what the diagnosis reads.
+        self.history = MeasuredHistory(prefix=self.prefix)
         #: The values of the latest measurement (every key, also in summary mode).
         self.last_values: dict[str, float] = {}
         self.diagnosis: Any = None
@@ -233,8 +234,7 @@ class StabilityCallback(TrainerCallback):
             return
         step = state.global_step
         self.last_values = values
-        for k, v in values.items():
-            self.history.setdefault(k, []).append((step, v))
+        self.history.add(step, values)
         shown = headline_only(values, self.prefix) if self.log_mode == "summary" else values
         if self.trainer is not None:
             # Trainer.log resets control.should_log (its own loss row of this step would be dropped): keep it
@@ -262,8 +262,6 @@ class StabilityCallback(TrainerCallback):
         self._hooks.clear()
         if self.temp is not None:
             self.temp.remove()
-        if state.is_world_process_zero and self.history:
-            from thetascope.report.diagnosis import diagnose
-
-            self.diagnosis = diagnose(self.history, run="transformers.Trainer", prefix=self.prefix)
+        if state.is_world_process_zero and len(self.history):
+            self.diagnosis = self.history.diagnose(run="transformers.Trainer")
             _log.info("%s", self.diagnosis.text())

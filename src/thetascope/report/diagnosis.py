@@ -32,6 +32,7 @@ __all__ = [
     "SENSITIVITY_GROWTH",
     "Diagnosis",
     "DiagnosisLine",
+    "MeasuredHistory",
     "diagnose",
     "diagnose_run",
 ]
@@ -99,6 +100,47 @@ def _wrap(lines: Iterable[str], width: int, indent: int) -> list[str]:
             or [line]
         )
     return out
+
+
+class MeasuredHistory:
+    """What a loop measured, kept on the host for the diagnosis: ``add`` each ``reduce`` output, ``diagnose``.
+
+    At most ``max_points`` points per key: past that every other point is dropped, so a long run keeps an
+    evenly thinned history with its first and latest measurements.
+
+    Example:
+        >>> h = MeasuredHistory(max_points=4)
+        >>> for step in range(0, 100, 10):
+        ...     h.add(step, {"stability/grad/early_late_ratio": 0.05})
+        >>> len(h.series["stability/grad/early_late_ratio"]) <= 4, h.diagnose().post_ln_pathology
+        (True, True)
+    """
+
+    def __init__(self, max_points: int = 1024, prefix: str | None = None) -> None:
+        self.max_points = max(int(max_points), 3)
+        self.prefix = prefix
+        self.series: dict[str, list[tuple[int, float]]] = {}
+
+    def add(self, step: int, values: Mapping[str, float]) -> None:
+        """Keep ``values`` (finite ones) at ``step``; a second call at the same step replaces the first."""
+        for key, value in values.items():
+            v = float(value)
+            if not math.isfinite(v):
+                continue
+            series = self.series.setdefault(key, [])
+            if series and series[-1][0] == step:
+                series[-1] = (int(step), v)
+                continue
+            series.append((int(step), v))
+            if len(series) > self.max_points:
+                del series[1:-1:2]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.series.values())
+
+    def diagnose(self, run: str = "run") -> Diagnosis:
+        """:func:`diagnose` of everything added so far."""
+        return diagnose(self.series, run=run, prefix=self.prefix)
 
 
 def _run_from_history(history: History, name: str, prefix: str | None) -> RunData:
