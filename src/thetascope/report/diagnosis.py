@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from thetascope.keys import DEFAULT_PREFIX
 from thetascope.report.reader import (
-    DEFAULT_PREFIX,
     RunData,
     Series,
     _to_series,
