@@ -117,3 +117,30 @@ def test_bad_arguments() -> None:
         StabilityCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="temperature"):
         StabilityCallback(temperature=2.0)
+
+
+def test_attention_and_temperature_keys_equal_the_core_on_the_same_batch(tmp_path: Path) -> None:
+    from thetascope.monitors.attention import AttentionMonitor
+    from thetascope.schedules import TemperatureSchedule
+
+    schedule = TemperatureSchedule(2.0, 1.0, 8)
+    cb = StabilityCallback(every_n_steps=2, gradients=False, rows_per_head=64, temperature=schedule)
+    trainer, seen = _train(tmp_path, cb, max_grad_norm=1.0)
+    rows = [r for r in trainer.state.log_history if f"{P}theta_max" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for row in rows:
+        step = row["step"]
+        weights, inputs = seen[step - 1]
+        ref = _reference_model(weights)
+        core = AttentionMonitor(ref, rows_per_head=64)
+        core.probe.set_temperature(schedule(step - 1))  # the tau of that optimizer step
+        with core.capture():
+            ref(**inputs)
+        expected = core.reduce(core.measure())
+        assert row[f"{P}temperature"] == pytest.approx(schedule(step - 1))
+        keys = [k for k in expected if "/layer_" in k or k == f"{P}theta_max"]
+        assert len(keys) > 10
+        for key in keys:
+            # spectral norms are warm-started across measurements in the callback, cold in the reference
+            rel = 1e-2 if any(f in key for f in ("proj_norm", "sensitivity", "lipschitz")) else 1e-5
+            assert row[key] == pytest.approx(expected[key], rel=rel, abs=1e-6), key
