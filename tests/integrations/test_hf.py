@@ -144,3 +144,17 @@ def test_attention_and_temperature_keys_equal_the_core_on_the_same_batch(tmp_pat
             # spectral norms are warm-started across measurements in the callback, cold in the reference
             rel = 1e-2 if any(f in key for f in ("proj_norm", "sensitivity", "lipschitz")) else 1e-5
             assert row[key] == pytest.approx(expected[key], rel=rel, abs=1e-6), key
+
+
+def test_model_without_attention_warns_and_keeps_gradients() -> None:
+    from types import SimpleNamespace
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    cb = StabilityCallback()
+    with pytest.warns(UserWarning, match="attention not measured"):
+        cb.on_train_begin(SimpleNamespace(logging_steps=5), SimpleNamespace(max_steps=10), None, model=model)
+    assert cb.att is None
+    assert cb.grad is not None
+    assert cb._every == 5
+    cb.on_train_end(None, SimpleNamespace(is_world_process_zero=True), None)
+    assert not model._forward_hooks

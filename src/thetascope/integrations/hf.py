@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -161,14 +162,20 @@ class StabilityCallback(TrainerCallback):
         if self.attention and self.att is None:
             from thetascope.monitors.attention import AttentionMonitor
 
-            self.att = AttentionMonitor(
-                model,
-                rows_per_head=self.rows_per_head,
-                layers=self.layers,
-                batch_size=self.batch_size,
-                prefix=self.prefix,
-                strict=self.strict,
-            )
+            try:
+                self.att = AttentionMonitor(
+                    model,
+                    rows_per_head=self.rows_per_head,
+                    layers=self.layers,
+                    batch_size=self.batch_size,
+                    prefix=self.prefix,
+                    strict=self.strict,
+                )
+            except ValueError as err:  # no attention found, or layers= naming a missing layer
+                if self.strict:
+                    raise
+                warnings.warn(f"StabilityCallback: attention not measured: {err}", UserWarning, stacklevel=2)
+                self.attention = False
         if self.gradients and self.grad is None:
             from thetascope.monitors.gradient import GradientFlowCore
 
