@@ -87,6 +87,9 @@ def _report(run_dirs: Sequence[Path], out: Path, prefix: str | None) -> int:
         return 2
     print(f"report: {rep.html_path.resolve()}")
     print(findings_table_text(rep.findings))
+    for diagnosis in rep.diagnoses:
+        print()
+        print(diagnosis.text())
     return 0
 
 

@@ -8,6 +8,7 @@ cross-attention) keep apart as ``{prefix}{field}/{stack}/layer_XX``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 
 __all__ = [
     "ARCHITECTURE_CARD_FIELDS",
@@ -232,3 +233,26 @@ def trace_type_key(prefix: str, sublayer: str, stderr: bool = False) -> str:
         ('stability/curvature/trace_type/attn_q', 'curvature/trace_type_stderr/ffn')
     """
     return f"{prefix}curvature/trace_type{'_stderr' if stderr else ''}/{sublayer}"
+
+
+# ------------------------------------------------------------------------------ summary mode (integrations)
+__all__ += ["LOG_MODES", "SUMMARY_HEADLINE_KEYS", "headline_only"]
+
+#: What ``log=`` accepts: every key, or only the headline keys.
+LOG_MODES: tuple[str, ...] = ("all", "summary")
+#: The keys ``log="summary"`` keeps (without prefix): :data:`HEADLINE_KEYS`, the worst theta and sensitivity
+#: over layers and the global gradient norm.
+SUMMARY_HEADLINE_KEYS: tuple[str, ...] = HEADLINE_KEYS
+
+
+def headline_only(
+    metrics: Mapping[str, float], prefix: str = DEFAULT_PREFIX, headline: Iterable[str] | None = None
+) -> dict[str, float]:
+    """The entries of ``metrics`` whose key is ``{prefix}{h}`` for a headline field ``h``.
+
+    Example:
+        >>> headline_only({"stability/theta_max": 1.0, "stability/theta_max/layer_00": 0.9})
+        {'stability/theta_max': 1.0}
+    """
+    wanted = {f"{prefix}{h}" for h in (SUMMARY_HEADLINE_KEYS if headline is None else headline)}
+    return {k: v for k, v in metrics.items() if k in wanted}

@@ -5,24 +5,28 @@ Nothing here runs on unmeasured steps; every function may sync (it is only calle
 
 from __future__ import annotations
 
-import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from thetascope.callbacks._loggers import write_images, write_scalars
+from thetascope.keys import DEFAULT_PREFIX, headline_only
 from thetascope.monitors._collective import AllGather, PackedValues, reduce_packed
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "fit_end_diagnosis",
     "gather_host_ints",
     "gather_reduce",
     "log_images",
     "log_to_loggers",
     "publish_callback_metrics",
+    "record_history",
     "refuse_sharded",
     "trainer_all_gather",
     "warn_if_state_missing",
@@ -63,18 +67,66 @@ def gather_reduce(trainer: pl.Trainer, packed: PackedValues, device: torch.devic
     return reduce_packed(packed, trainer_all_gather(trainer), device)
 
 
-def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+def log_to_loggers(
+    trainer: pl.Trainer,
+    metrics: Mapping[str, float],
+    step: int,
+    mode: str = "all",
+    prefix: str = DEFAULT_PREFIX,
+) -> None:
     """Write scalars to every attached logger at ``step``, from global rank zero only.
 
     We write to the loggers directly (not through ``LightningModule.log``) so the values land at exactly the
     measured optimizer step whatever ``log_every_n_steps`` is, and so no metric reduction is added on top of
-    ours.
+    ours. With ``mode="summary"`` only the headline keys are written; every value is still kept (host floats,
+    thinned on long runs: :class:`~thetascope.report.diagnosis.MeasuredHistory`) for the diagnosis at fit
+    end.
     """
     if not metrics or not trainer.is_global_zero:
         return
-    clean = {k: float(v) for k, v in metrics.items()}
-    for logger in trainer.loggers:
-        logger.log_metrics(clean, step=step)
+    record_history(trainer, metrics, step)
+    write_scalars(trainer.loggers, headline_only(metrics, prefix) if mode == "summary" else metrics, step)
+
+
+# What the callbacks of one Trainer logged, for the diagnosis at fit end (rank zero; weak: dies with the
+# Trainer), and the diagnosis already given for it with the history size it was computed from.
+_histories: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_diagnosed: weakref.WeakKeyDictionary[Any, tuple[int, Any]] = weakref.WeakKeyDictionary()
+
+
+def record_history(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Keep ``metrics`` at ``step`` in the trainer's history (what :func:`fit_end_diagnosis` reads)."""
+    hist = _histories.get(trainer)
+    if hist is None:
+        from thetascope.report.diagnosis import MeasuredHistory
+
+        hist = _histories[trainer] = MeasuredHistory()
+    hist.add(step, metrics)
+
+
+def fit_end_diagnosis(trainer: pl.Trainer, prefix: str = DEFAULT_PREFIX) -> Any:
+    """The :class:`~thetascope.report.diagnosis.Diagnosis` of what this trainer's callbacks logged.
+
+    Rank zero only (None elsewhere, and when nothing was logged). Every thetascope callback calls it at fit
+    end; the table is computed and written to the console log once per fit, the later callers get the same
+    object.
+    """
+    if not trainer.is_global_zero:
+        return None
+    hist = _histories.get(trainer)
+    if hist is None or not len(hist):
+        return None
+    marker = len(hist)
+    done = _diagnosed.get(trainer)
+    if done is not None and done[0] == marker:
+        return done[1]
+    from lightning.pytorch.utilities import rank_zero_info
+
+    hist.prefix = prefix
+    diagnosis = hist.diagnose(run=type(trainer.lightning_module).__name__)
+    _diagnosed[trainer] = (marker, diagnosis)
+    rank_zero_info(diagnosis.text())
+    return diagnosis
 
 
 def publish_callback_metrics(
@@ -94,28 +146,17 @@ def publish_callback_metrics(
 
 
 def log_images(trainer: pl.Trainer, images: Mapping[str, Any], step: int) -> int:
-    """Send HWC uint8 images to loggers that take images (TensorBoard, W&B); returns how many were written.
+    """Send HWC uint8 images to the loggers that take images (TensorBoard, W&B, MLflow); returns how many.
 
-    Rank zero only. Loggers without image support (CSV) are skipped silently.
+    Rank zero only; each logger through its own API (see :mod:`thetascope.callbacks._loggers`), at most once
+    per ``trainer.log_every_n_steps`` steps per tag. A logger that takes no images (CSV) is warned about once.
     """
     if not images or not trainer.is_global_zero:
         return 0
-    written = 0
-    for logger in trainer.loggers:
-        kind = type(logger).__name__
-        try:
-            if kind == "TensorBoardLogger":
-                exp = logger.experiment  # type: ignore[attr-defined]
-                for tag, img in images.items():
-                    exp.add_image(tag, img, global_step=step, dataformats="HWC")
-                    written += 1
-            elif kind == "WandbLogger":
-                for tag, img in images.items():
-                    logger.log_image(key=tag, images=[img], step=step)  # type: ignore[attr-defined]
-                    written += 1
-        except Exception as err:  # an image is never worth breaking training for
-            warnings.warn(f"thetascope: could not log heatmap images to {kind}: {err}", stacklevel=2)
-    return written
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    every = int(getattr(trainer, "log_every_n_steps", 1) or 1)
+    return write_images(trainer.loggers, images, step, every=every, warn=rank_zero_warn)
 
 
 def warn_if_state_missing(callback: Any, checkpoint: Mapping[str, Any]) -> None:

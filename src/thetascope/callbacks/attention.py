@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from thetascope._validation import check_bool, check_positive_int
 from thetascope.callbacks._lightning import (
+    fit_end_diagnosis,
     gather_host_ints,
     log_images,
     log_to_loggers,
@@ -25,7 +26,7 @@ from thetascope.callbacks._lightning import (
 )
 from thetascope.capture.registry import shared_probe
 from thetascope.functional.spectral import SpectralNormEstimator
-from thetascope.keys import CARD_PREFIX, TEMPERATURE_FIELD
+from thetascope.keys import CARD_PREFIX, LOG_MODES, TEMPERATURE_FIELD
 from thetascope.monitors._guard import FailureGuard
 from thetascope.monitors.attention import AttentionMonitor, check_attention_args
 from thetascope.report.heatmap import HeatmapHistory
@@ -66,6 +67,9 @@ class AttentionSensitivityMonitor(Callback):
         prog_bar: also show the headline values in the progress bar.
         log_heatmap: log layer x step heatmaps of theta_max and sensitivity to loggers that take images.
         strict: raise on a failed measurement instead of warning once and disabling it.
+        log: ``"all"`` logs every key, ``"summary"`` only the headline keys (``theta_max``,
+            ``sensitivity_max``, ``grad_norm_global``). Either way the diagnosis at fit end (printed on rank
+            zero, kept in ``self.diagnosis``) reads every value.
 
     Example:
         >>> from thetascope.callbacks import AttentionSensitivityMonitor
@@ -86,8 +90,14 @@ class AttentionSensitivityMonitor(Callback):
         prog_bar: bool = False,
         log_heatmap: bool = True,
         strict: bool = False,
+        log: str = "all",
     ) -> None:
         super().__init__()
+        if log not in LOG_MODES:
+            raise ValueError(f"log must be one of {LOG_MODES}, got {log!r}")
+        self.log_mode = log
+        #: The diagnosis of the run, set at fit end on global rank zero (None elsewhere).
+        self.diagnosis: Any = None
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self._settings = check_attention_args(
             rows_per_head=rows_per_head,
@@ -168,6 +178,10 @@ class AttentionSensitivityMonitor(Callback):
         return {k: self._settings[k] for k in ("rows_per_head", "batch_size", "exact_top")}
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.diagnosis = fit_end_diagnosis(trainer, self.prefix)
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_capture()
 
@@ -224,7 +238,7 @@ class AttentionSensitivityMonitor(Callback):
         assert self.core is not None
         if metrics and self._temperature_logged_elsewhere(trainer):
             metrics.pop(f"{self.prefix}{TEMPERATURE_FIELD}", None)
-        log_to_loggers(trainer, metrics, step)
+        log_to_loggers(trainer, metrics, step, self.log_mode, self.prefix)
         publish_callback_metrics(trainer, self.core.headline(metrics), prog_bar=self.prog_bar)
         if self.log_heatmap and metrics and self.core.probe.layers:
             cols = self.core.heatmap_columns(metrics)

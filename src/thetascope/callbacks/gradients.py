@@ -16,6 +16,7 @@ from typing_extensions import override
 from thetascope import keys
 from thetascope._validation import check_bool, check_positive_int
 from thetascope.callbacks._lightning import (
+    fit_end_diagnosis,
     log_images,
     log_to_loggers,
     publish_callback_metrics,
@@ -25,6 +26,7 @@ from thetascope.callbacks._lightning import (
     warn_unreadable_state,
 )
 from thetascope.functional.spikes import SpikeDetector
+from thetascope.keys import LOG_MODES
 from thetascope.monitors._guard import FailureGuard
 from thetascope.monitors.gradient import GradientFlowCore
 from thetascope.report.heatmap import HeatmapHistory
@@ -65,6 +67,9 @@ class GradientFlowMonitor(Callback):
         prefix: key prefix.
         log_heatmap: log a layer x step heatmap of the per-layer norms to loggers that take images.
         strict: raise on a failed measurement instead of warning once and disabling it.
+        log: ``"all"`` logs every key, ``"summary"`` only the headline keys (``theta_max``,
+            ``sensitivity_max``, ``grad_norm_global``). Either way the diagnosis at fit end (printed on rank
+            zero, kept in ``self.diagnosis``) reads every value.
 
     Example:
         >>> from thetascope.callbacks import GradientFlowMonitor
@@ -83,8 +88,14 @@ class GradientFlowMonitor(Callback):
         prefix: str = keys.DEFAULT_PREFIX,
         log_heatmap: bool = True,
         strict: bool = False,
+        log: str = "all",
     ) -> None:
         super().__init__()
+        if log not in LOG_MODES:
+            raise ValueError(f"log must be one of {LOG_MODES}, got {log!r}")
+        self.log_mode = log
+        #: The diagnosis of the run, set at fit end on global rank zero (None elsewhere).
+        self.diagnosis: Any = None
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         if spike_action not in SPIKE_ACTIONS:
             raise ValueError(f"spike_action must be one of {list(SPIKE_ACTIONS)}, got {spike_action!r}")
@@ -142,6 +153,10 @@ class GradientFlowMonitor(Callback):
         self.core.bind(pl_module)
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.diagnosis = fit_end_diagnosis(trainer, self.prefix)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -175,7 +190,7 @@ class GradientFlowMonitor(Callback):
 
     def _log(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
         p = self.prefix
-        log_to_loggers(trainer, metrics, step)
+        log_to_loggers(trainer, metrics, step, self.log_mode, self.prefix)
         glob = metrics.get(p + keys.GRAD_NORM_HEADLINE, math.nan)
         if math.isfinite(glob):
             publish_callback_metrics(trainer, {p + keys.GRAD_NORM_HEADLINE: glob})

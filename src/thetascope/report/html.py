@@ -10,11 +10,12 @@ import datetime
 import html
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from thetascope.report.curvature import curvature_figures
+from thetascope.report.diagnosis import Diagnosis, diagnose_run
 from thetascope.report.figures import FigureResult, draw_all
 from thetascope.report.reader import (
     FINDINGS_COLUMNS,
@@ -67,12 +68,14 @@ _GUIDE = (
 
 @dataclass(frozen=True)
 class Report:
-    """What :func:`write_report` produced: the page, the figures (with their data) and the findings."""
+    """What :func:`write_report` produced: the page, the figures (with their data), the findings and the
+    diagnosis of every run (also written to ``diagnosis.txt``)."""
 
     html_path: Path
     figures: list[FigureResult]
     findings: list[Findings]
     notes: list[str]
+    diagnoses: list[Diagnosis] = field(default_factory=list)
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -91,11 +94,33 @@ def _findings_html(findings: Sequence[Findings]) -> str:
     return f'<table id="findings"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+def _diagnosis_html(diagnoses: Sequence[Diagnosis]) -> list[str]:
+    esc = html.escape
+    parts = ["<h2>Diagnosis</h2>"]
+    for d in diagnoses:
+        parts.append(f"<h3><code>{esc(d.run)}</code></h3>")
+        if not d.lines:
+            parts.append('<p class="missing">Nothing to diagnose: no stability keys were logged.</p>')
+            continue
+        parts.append(
+            '<table class="diagnosis"><thead><tr><th>topic</th><th>status</th><th>seen</th>'
+            "<th>what to do</th></tr></thead><tbody>"
+        )
+        parts.extend(
+            f'<tr><td>{esc(li.topic)}</td><td>{esc(li.status)}</td><td style="text-align:left">'
+            f'{esc(li.seen)}</td><td style="text-align:left">{esc(li.advice)}</td></tr>'
+            for li in d.lines
+        )
+        parts.append("</tbody></table>")
+    return parts
+
+
 def render_html(
     runs: Sequence[RunData],
     figures: Sequence[FigureResult],
     findings: Sequence[Findings],
     notes: Sequence[str],
+    diagnoses: Sequence[Diagnosis] = (),
 ) -> str:
     """The report page as a string (pure function of its inputs; images read from the figure paths)."""
     esc = html.escape
@@ -119,6 +144,8 @@ def render_html(
         *(f"<dt><b>{esc(k)}</b></dt><dd>{esc(v)}</dd>" for k, v in _GUIDE),
         "</dl>",
     ]
+    if diagnoses:
+        parts.extend(_diagnosis_html(diagnoses))
     if notes:
         parts.append('<h2>Missing data</h2><ul class="missing">')
         parts.extend(f"<li>{esc(n)}</li>" for n in notes)
@@ -172,10 +199,12 @@ def write_report(
             notes.append(f"{run.name}: findings not available: {', '.join(empty)}")
     for n in notes:
         print(f"thetascope report: {n}", file=err)
-    page = render_html(runs, figures, findings, notes)
+    diagnoses = [diagnose_run(r) for r in runs]
+    (out / "diagnosis.txt").write_text("\n\n".join(d.text() for d in diagnoses) + "\n", encoding="utf-8")
+    page = render_html(runs, figures, findings, notes, diagnoses)
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
-    return Report(html_path=html_path, figures=figures, findings=findings, notes=notes)
+    return Report(html_path=html_path, figures=figures, findings=findings, notes=notes, diagnoses=diagnoses)
 
 
 __all__ = ["Report", "findings_table_text", "render_html", "write_report"]

@@ -1,0 +1,1 @@
+"""Integrations with trainers other than Lightning's (each imports its framework only when imported)."""
