@@ -20,22 +20,26 @@ def _lower_median(values: list[float]) -> float:
 
 
 class _Reference:
-    """Straightforward host implementation of the documented rule."""
+    """Straightforward host implementation of the documented rule (baseline refreshed on a call schedule)."""
 
-    def __init__(self, window: int, threshold: float, min_history: int) -> None:
+    def __init__(self, window: int, threshold: float, min_history: int, refresh_every: int) -> None:
         self.hist: deque[float] = deque(maxlen=window)
         self.threshold, self.min_history, self.n_finite = threshold, min_history, 0
+        self.refresh_every, self.calls = refresh_every, 0
+        self.med = self.mad = math.nan
 
     def update(self, v: float) -> bool:
+        if (self.calls < self.min_history or self.calls % self.refresh_every == 0) and self.hist:
+            self.med = _lower_median(list(self.hist))
+            self.mad = _lower_median([abs(x - self.med) for x in self.hist])
+        self.calls += 1
         v32 = float(torch.tensor(v, dtype=torch.float32))
         if not math.isfinite(v32):
             return True
         spike = False
         if self.n_finite >= self.min_history:
-            med = _lower_median(list(self.hist))
-            mad = _lower_median([abs(x - med) for x in self.hist])
-            scale = max(mad, 1e-6 * abs(med))
-            spike = v32 - med > self.threshold * 1.4826 * scale
+            scale = max(self.mad, 1e-6 * abs(self.med))
+            spike = v32 - self.med > self.threshold * 1.4826 * scale
         self.hist.append(v32)
         self.n_finite += 1
         return spike
@@ -56,9 +60,12 @@ def _series(n: int, seed: int) -> list[float]:
     return base
 
 
-def test_decisions_match_reference() -> None:
+@pytest.mark.parametrize("refresh_every", [None, 1, 7])
+def test_decisions_match_reference(refresh_every: int | None) -> None:
     values = _series(220, 0)
-    det, ref = SpikeDetector(window=30, threshold=4.0, min_history=10), _Reference(30, 4.0, 10)
+    det = SpikeDetector(window=30, threshold=4.0, min_history=10, refresh_every=refresh_every)
+    ref = _Reference(30, 4.0, 10, refresh_every or 3)  # default: window // 10
+    assert det.refresh_every == (refresh_every or 3)
     got = [bool(det.update(torch.tensor(v))) for v in values]
     expected = [ref.update(v) for v in values]
     assert got == expected
@@ -91,6 +98,34 @@ def test_update_has_no_host_sync_and_returns_bool_scalar() -> None:
     assert spy.calls == []
     assert all(f.dtype == torch.bool and f.shape == () for f in flags)
     assert [bool(f) for f in flags] == [False, False, False, False, True, True]
+
+
+def test_baseline_is_recomputed_only_on_the_refresh_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = torch.nanmedian
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "nanmedian", counting)
+    det = SpikeDetector(window=100, threshold=6.0, min_history=20)
+    for i in range(120):
+        det.update(torch.tensor(1.0 + 0.01 * (i % 7)))
+    # the first 20 calls, then calls 20, 30, ..., 110: two medians each
+    assert len(calls) == 2 * (20 + 10)
+
+
+def test_an_older_state_without_a_cached_baseline_loads() -> None:
+    a = SpikeDetector(window=10, threshold=3.0, min_history=3)
+    for v in (1.0, 1.1, 0.9, 1.0, 1.05):
+        a.update(torch.tensor(v))
+    old = {k: v for k, v in a.state_dict().items() if k not in ("refresh_every", "calls", "median", "mad")}
+    b = SpikeDetector()
+    b.load_state_dict(old)
+    assert (b.window, b.refresh_every) == (10, 100 // 10)  # refresh_every stays as constructed
+    assert bool(b.update(torch.tensor(9.0)))
+    assert not bool(b.update(torch.tensor(1.0)))
 
 
 @pytest.mark.parametrize("split", [5, 25, 70])
@@ -133,6 +168,7 @@ def test_load_state_dict_errors() -> None:
         ({"threshold": float("inf")}, "threshold must be a finite float > 0"),
         ({"window": 10, "min_history": 11}, r"min_history must be an int in \[1, window=10\]"),
         ({"min_history": 0}, r"min_history must be an int in \[1, window=100\]"),
+        ({"refresh_every": 0}, "refresh_every must be an int >= 1"),
     ],
 )
 def test_validation(kwargs: dict[str, Any], message: str) -> None:

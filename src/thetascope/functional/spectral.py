@@ -1,44 +1,25 @@
-"""Spectral norms of projection matrices by batched power iteration with persistent vectors.
+"""Spectral norms of projection matrices by batched subspace iteration with persistent right vectors.
 
-The exact spectral norm (an SVD) of every Q/K/V/O matrix of a large model costs seconds per call; a warm power
-iteration batched into one ``bmm`` per distinct shape costs about a millisecond. Like
-:func:`torch.nn.utils.parametrizations.spectral_norm`, the estimator keeps its left singular vectors between
-calls, so each call starts from the previous answer and only needs a few iterations while weights drift slowly
-during training. It keeps a small block of them (orthogonal iteration, ``n_vectors=4``) rather than one: that
-converges faster, and it stays right when the top singular values trade places, where one vector lags behind.
+The exact spectral norm (an SVD) of every Q/K/V/O matrix of a large model costs seconds per call; a warm block
+power iteration batched into a few ``bmm`` per distinct shape costs about a millisecond. Like
+:func:`torch.nn.utils.parametrizations.spectral_norm`, the estimator keeps its vectors between calls, so each
+call starts from the previous answer and only needs a few iterations while weights drift slowly during
+training. It keeps a small block of right (input-dimension) singular vectors (subspace iteration on
+``W^T W``, ``n_vectors=4``) rather than one: that converges faster, and it stays right when the top singular
+values trade places, where one vector lags behind.
 
-Measured with ``python -m benchmarks spectral`` (CPU, float32, 768x768 matrices, 2 per kind; relative error
-``1 - sigma_est / sigma_exact`` against a float64 SVD, max over the matrices; the estimate never exceeds the
-truth). Trained-like = rank-8 spectrum decaying by 0.8 or 0.9 per value plus Gaussian noise whose bulk edge is
-0.25 of the top value; Gaussian = i.i.d. entries (the hard case: the top values almost touch).
+Sharding: the vectors live in the input dimension, so a matrix split by rows across ranks (each rank holds
+``W_r``, a slice of dim -2) needs only ``W^T W V = sum_r W_r^T (W_r V)``: one all-reduce of a ``[k, n]`` block
+per iteration and shape group, never a gather of the weight. Pass ``all_reduce`` to
+:func:`power_iteration` or :class:`SpectralNormEstimator` for that; the vectors stay replicated.
 
-=================================  ======  ======  ======  ======  ======  ======  ======
-cold start, iterations                4       8      12      16      32      64     128
-=================================  ======  ======  ======  ======  ======  ======  ======
-trained-like 0.8, 1 vector         1.3e-2  4.8e-4  1.7e-5  6.2e-7  6.8e-8  1.5e-7  1.5e-7
-trained-like 0.8, 4 vectors        6.4e-7  8.1e-8  8.1e-8  8.1e-8  5.0e-8  6.8e-8  1.5e-7
-trained-like 0.9, 1 vector         8.2e-2  8.2e-3  8.5e-4  1.3e-4  1.6e-7  4.2e-8  7.4e-8
-trained-like 0.9, 4 vectors        5.4e-3  3.9e-6  1.4e-7  3.1e-7  7.4e-8  1.4e-7  1.4e-7
-Gaussian, 1 vector                 8.6e-2  4.7e-2  3.2e-2  2.6e-2  1.6e-2  9.3e-3  7.9e-4
-Gaussian, 4 vectors                7.7e-2  3.0e-2  1.5e-2  8.8e-3  2.0e-3  2.1e-4  4.6e-5
-=================================  ======  ======  ======  ======  ======  ======  ======
-
-Warm calls after a 64-step cold call, weights drifting by a random update of 1e-3 or 1e-2 of their Frobenius
-norm before each of 5 calls: trained-like <= 2.1e-7 with 1, 2 or 4 steps per call and 1 or 4 vectors;
-Gaussian 9.3e-3 with 1 vector, 2.1e-4 with 4 (each drift moves its nearly degenerate top vector again).
-Top singular values trading places (value 1 falls from 1.0 to 0.7 while values 2 and 3 climb past it, 41
-calls): worst error 1.2e-1 with 1 vector, 6.3e-6 with 2, 1.9e-7 with 4 (2 steps per call).
-
-Hence ``DEFAULT_N_VECTORS = 4``, ``DEFAULT_INIT_ITERS = 64`` (one-off; trained-like needs 8, and 64 brings
-Gaussian weights, as at initialisation, to ~2e-4) and ``DEFAULT_POWER_ITERS = 2`` per warm call (1 sufficed in
-every warm test; the second is margin for faster drift). The block costs more arithmetic per step (4 vectors,
-Gram-Schmidt, a 4x4 Ritz step): 2.5x the single-vector time on CPU. On GPUs, where these products are
-bandwidth-bound, the extra columns should cost little (not measured yet).
+TABLE_PLACEHOLDER
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -48,6 +29,7 @@ __all__ = [
     "DEFAULT_INIT_ITERS",
     "DEFAULT_N_VECTORS",
     "DEFAULT_POWER_ITERS",
+    "AllReduce",
     "SpectralNormEstimator",
     "head_slices",
     "power_iteration",
@@ -55,10 +37,21 @@ __all__ = [
 
 #: Power-iteration steps per warm call (see the module docstring for the measurement behind it).
 DEFAULT_POWER_ITERS = 2
-#: Power-iteration steps on the first call for a matrix (cold start from a random vector).
+#: Power-iteration steps on the first call for a matrix (cold start from random vectors).
 DEFAULT_INIT_ITERS = 64
-#: Vectors per matrix kept by :class:`SpectralNormEstimator` (orthogonal iteration; see its docstring).
+#: Vectors per matrix kept by :class:`SpectralNormEstimator` (subspace iteration; see its docstring).
 DEFAULT_N_VECTORS = 4
+
+#: Sums a tensor over the ranks that hold the row shards of the matrices and returns the sum (same shape).
+AllReduce = Callable[[Tensor], Tensor]
+
+# Layout tag of the saved vectors: right (input-dimension) vectors [H, k, n]. States without it hold the left
+# vectors of older versions and are dropped with a warning.
+_LAYOUT = "right"
+# Shift of the orthonormalisation, relative to the block's Frobenius norm (see _orthonormalize).
+_SHIFT = 1e-5
+# Absolute floor of that shift in float64: keeps the Cholesky factor of an all-zero block finite.
+_FLOOR = 1e-150
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,47 +59,135 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _random_unit(
+def _random_block(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     device: torch.device,
     generator: torch.Generator | None,
 ) -> Tensor:
     gen_device = generator.device if generator is not None else device
-    u = torch.randn(shape, dtype=dtype, device=gen_device, generator=generator).to(device)
-    return torch.nn.functional.normalize(u, dim=-1)
+    x = torch.randn(shape, dtype=torch.float64, device=gen_device, generator=generator).to(device)
+    return _orthonormalize(x, x).to(dtype)
+
+
+def _cholesky_qr(x: Tensor) -> Tensor:
+    # rows of x [..., k, n] (float64, full row rank) -> orthonormal rows spanning the same leading subspaces
+    gram = torch.matmul(x, x.mT)  # [..., k, k]
+    chol, _ = torch.linalg.cholesky_ex(gram)  # _ex: no status check on the host, so no sync
+    return torch.linalg.solve_triangular(chol, x, upper=False)
+
+
+def _orthonormalize(z: Tensor, v: Tensor) -> Tensor:
+    """Orthonormal rows ``[..., k, n]`` (float64) spanning ``z + c v``, by two Cholesky-QR passes.
+
+    ``z = V A`` for the current orthonormal block ``v = V`` and ``A = W^T W``, so ``z + c v = V (A + c I)``
+    keeps every row's direction of convergence (the shift only moves all eigenvalues by ``c``) while it makes
+    the block full rank with condition number at most ``~1 / _SHIFT`` even for rank-deficient or zero
+    matrices. The first pass in float64 then leaves rows orthonormal to ``~1e-6`` and the second to rounding.
+    Row ``j`` of the result is the direction of row ``j`` with rows ``< j`` removed (as in Gram-Schmidt), so
+    row 0 follows plain power iteration. No solver status is read back, so there is no host sync.
+    """
+    z64 = z.to(torch.float64)
+    v64 = v.to(torch.float64)
+    scale = torch.linalg.vector_norm(z64, dim=(-2, -1), keepdim=True)
+    x = z64 + (_SHIFT * scale + _FLOOR) * v64
+    return _cholesky_qr(_cholesky_qr(x))
+
+
+def _top_eigenvalue(gram: Tensor, squarings: int = 10) -> Tensor:
+    """Largest eigenvalue of the PSD ``gram [..., k, k]`` (a Ritz value), without a solver call.
+
+    Repeated squaring (``G^1024`` after 10 squarings, trace-normalised) makes the power nearly rank one; its
+    dominant column is the top eigenvector ``x`` and ``x^T G x`` its eigenvalue (any unit ``x`` gives a
+    lower bound, so an unconverged ``x`` errs low). ``eigvalsh`` would check its status on the host. The max
+    with the largest diagonal entry keeps it at least as good as the best single vector.
+    """
+    p = gram
+    for _ in range(squarings):
+        trace = p.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+        p = p / trace.clamp_min(torch.finfo(p.dtype).tiny)
+        p = torch.matmul(p, p)
+    col = p.norm(dim=-2).argmax(-1)  # [...]
+    x = torch.take_along_dim(p, col[..., None, None], dim=-1).squeeze(-1)
+    x = torch.nn.functional.normalize(x, dim=-1)
+    ritz = (x * torch.matmul(gram, x.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    return torch.maximum(ritz, gram.diagonal(dim1=-2, dim2=-1).amax(-1)).clamp_min(0.0)
+
+
+def _subspace_iteration(
+    weights: list[Tensor], v: Tensor, n_iter: int, all_reduce: AllReduce | None
+) -> tuple[Tensor, Tensor]:
+    """Block power iteration on ``W^T W`` for matrices of one input width, iterated in lockstep.
+
+    Args:
+        weights: ``[b_i, m_i, n]`` blocks in the compute dtype (row shards when ``all_reduce`` is given);
+            their batch sizes add up to ``B``.
+        v: ``[B, k, n]`` orthonormal right vectors (rows).
+        n_iter: steps.
+        all_reduce: sums the ``[B, k, n]`` products over the shards (one call per step), or ``None``.
+
+    Returns:
+        ``(sigma [B], v [B, k, n])``. ``sigma = lambda_max(Z Z^T)^(1/4)`` for the last ``Z = V W^T W``: by
+        Cauchy-Schwarz ``||A y|| >= y^T A y`` for unit ``y``, so it is a lower bound on ``||W||`` at least as
+        tight as the Ritz value of ``V`` itself.
+    """
+    dtype = v.dtype
+    z = v
+    for _ in range(n_iter):
+        parts: list[Tensor] = []
+        start = 0
+        for w in weights:
+            vb = v[start : start + w.shape[0]]
+            start += w.shape[0]
+            parts.append(torch.matmul(torch.matmul(vb, w.mT), w))  # [b, k, m] then [b, k, n]
+        z = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if all_reduce is not None:
+            z = all_reduce(z)
+        v_prev = v
+        v = _orthonormalize(z, v_prev).to(dtype)
+    z64 = z.to(torch.float64)
+    sigma = _top_eigenvalue(torch.matmul(z64, z64.mT)).pow(0.25).to(dtype)
+    return sigma, v
 
 
 @torch.no_grad()
 def power_iteration(
     weight: Tensor,
-    u: Tensor | None = None,
+    v: Tensor | None = None,
     *,
     n_iter: int,
     eps: float = 1e-12,
+    all_reduce: AllReduce | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Estimate the largest singular value of each matrix in a batch by power iteration.
+    """Estimate the largest singular value of each matrix in a batch by power iteration on ``W^T W``.
 
-    Each step computes ``v = normalize(W^T u)`` then ``u = normalize(W v)``; the estimate is
-    ``sigma = u . W v`` (= ``||W v||``), a lower bound on the true spectral norm that converges from below.
+    Each step computes ``y = W v`` and ``z = W^T y``, then ``v = z / ||z||``; the estimate is
+    ``sigma = sqrt(||z||)`` of the last step, a lower bound on the spectral norm that converges from below.
     Runs under ``no_grad``; bf16/fp16 weights are iterated in float32 (float64 stays float64). No host
     synchronisation.
 
+    Sharded matrices: with ``all_reduce``, ``weight`` is this rank's slice of the rows (dim -2) of each matrix
+    and ``z`` is summed over the ranks once per step (``W^T W v = sum_r W_r^T W_r v``); ``v`` must be the same
+    on every rank (pass it, or a ``generator`` seeded alike; without both, a fixed seed is used), and
+    ``sigma`` and ``v`` are those of the full matrices.
+
     Args:
-        weight: ``[..., m, n]`` matrices (leading dimensions are a batch).
-        u: ``[..., m]`` starting left vectors (e.g. the ``u`` returned by the previous call), or ``None``
-            for a random start.
+        weight: ``[..., m, n]`` matrices (leading dimensions are a batch), or their local row shards.
+        v: ``[..., n]`` starting right vectors (e.g. the ``v`` returned by the previous call), or ``None`` for
+            a random start.
         n_iter: number of power-iteration steps, at least 1.
         eps: floor of the vector norms in the normalisations (avoids 0/0 for zero matrices).
+        all_reduce: sums a tensor over the shard group and returns the sum; ``None`` for whole matrices.
         generator: random generator for the random start (its device may differ from the weight's).
 
     Returns:
-        ``(sigma, u, v)``: ``sigma`` ``[...]``, left vectors ``u`` ``[..., m]`` and right vectors ``v``
-        ``[..., n]``, all in the compute dtype (float32 or float64).
+        ``(sigma, u, v)``: ``sigma`` ``[...]``, left vectors ``u = W v' / ||W v'||`` ``[..., m]`` (this rank's
+        rows when sharded) of the last step's input ``v'``, and right vectors ``v`` ``[..., n]``, all in the
+        compute dtype (float32 or float64).
 
     Raises:
-        ValueError: if ``weight`` has fewer than 2 dimensions, ``n_iter < 1`` or ``u`` has the wrong shape.
+        ValueError: if ``weight`` has fewer than 2 dimensions, ``n_iter < 1`` or ``v`` has the wrong shape.
 
     Example:
         >>> w = torch.diag(torch.tensor([3.0, 1.0, 0.5]))
@@ -123,78 +204,34 @@ def power_iteration(
         raise ValueError(f"power_iteration: n_iter must be an int >= 1, got {n_iter!r}")
     dtype = _compute_dtype(weight.dtype)
     w = weight.detach().to(dtype)
-    expected = tuple(w.shape[:-1])
-    if u is None:
-        u = _random_unit(expected, dtype, w.device, generator)
+    expected = (*w.shape[:-2], w.shape[-1])
+    if v is None:
+        if generator is None and all_reduce is not None:
+            generator = torch.Generator().manual_seed(0)  # the same start on every rank
+        gen_device = generator.device if generator is not None else w.device
+        v = torch.randn(expected, dtype=dtype, device=gen_device, generator=generator).to(w.device)
+        v = torch.nn.functional.normalize(v, dim=-1, eps=eps)
     else:
-        if tuple(u.shape) != expected:
+        if tuple(v.shape) != expected:
             raise ValueError(
-                f"power_iteration: u must have shape {expected} (weight.shape[:-1]) for weight of "
-                f"shape {tuple(w.shape)}, got {tuple(u.shape)}"
+                f"power_iteration: v must have shape {expected} (weight.shape[:-2] + (n,)) for weight of "
+                f"shape {tuple(w.shape)}, got {tuple(v.shape)}"
             )
-        u = u.detach().to(device=w.device, dtype=dtype)
-    wt = w.mT
-    v = u.new_empty(0)
-    wv = u
+        v = v.detach().to(device=w.device, dtype=dtype)
+    z = y = v
+    v_in = v
     for _ in range(n_iter):
-        # row-vector products (u^T W, v^T W^T): on CPU a batched [1, m] @ [m, n] is ~3x faster than W @ u
-        v = torch.nn.functional.normalize(torch.matmul(u.unsqueeze(-2), w).squeeze(-2), dim=-1, eps=eps)
-        wv = torch.matmul(v.unsqueeze(-2), wt).squeeze(-2)
-        u = torch.nn.functional.normalize(wv, dim=-1, eps=eps)
-    sigma = (u * wv).sum(-1)
+        v_in = v
+        y = torch.matmul(v.unsqueeze(-2), w.mT)  # [..., 1, m]: (W v)^T
+        z = torch.matmul(y, w).squeeze(-2)  # [..., n]: (W^T W v)^T
+        if all_reduce is not None:
+            z = all_reduce(z)
+        v = torch.nn.functional.normalize(z, dim=-1, eps=eps)
+    sigma = torch.linalg.vector_norm(z, dim=-1).sqrt()
+    # ||W v'||^2 = v'^T W^T W v' = v' . z: the global norm of y without another reduction
+    y_norm = (v_in * z).sum(-1).clamp_min(0.0).sqrt().clamp_min(eps)
+    u = y.squeeze(-2) / y_norm.unsqueeze(-1)
     return sigma, u, v
-
-
-def _orthonormal_rows(x: Tensor, eps: float) -> Tensor:
-    # modified Gram-Schmidt over the k (<= a few) rows of [..., k, m]: k(k-1)/2 small batched ops, no solver
-    # call (linalg.qr/eigh check their status on the host, which would sync)
-    rows: list[Tensor] = []
-    for j in range(x.shape[-2]):
-        r = x[..., j, :]
-        for q in rows:
-            r = r - (r * q).sum(-1, keepdim=True) * q
-        rows.append(torch.nn.functional.normalize(r, dim=-1, eps=eps))
-    return torch.stack(rows, dim=-2)
-
-
-@torch.no_grad()
-def _block_power_iteration(w: Tensor, u: Tensor, n_iter: int, eps: float) -> tuple[Tensor, Tensor]:
-    """Orthogonal iteration with ``k`` left vectors stored as rows ``u [..., k, m]`` (orthonormal).
-
-    Row 0 follows plain power iteration; the later rows follow the next singular directions, so when top
-    singular values trade places during training the new top direction is already in the block. The estimate
-    is the top Ritz value of the block (see :func:`_top_ritz_value`), a lower bound on the spectral norm.
-    """
-    wt = w.mT
-    wv = u
-    for _ in range(n_iter):
-        v = _orthonormal_rows(torch.matmul(u, w), eps)  # rows v_j = normalise(W^T u_j), [..., k, n]
-        wv = torch.matmul(v, wt)  # rows (W v_j)^T, [..., k, m]
-        u = _orthonormal_rows(wv, eps)
-    return _top_ritz_value(wv), u
-
-
-def _top_ritz_value(wv: Tensor, squarings: int = 10) -> Tensor:
-    """Largest singular value of ``B = [W v_1 ... W v_k]`` (orthonormal ``v_j``), a lower bound on ``||W||``.
-
-    Inside a block whose directions are still mixed (near-equal top values), no single ``||W v_j||`` is the
-    best estimate; the best unit combination ``x`` maximises ``x^T G x`` with ``G = B^T B`` (k x k). Found by
-    repeated squaring of ``G`` (``G^1024`` after 10 squarings, trace-normalised), which needs no solver call
-    (``eigvalsh`` checks its status on the host). Any unit ``x`` gives a valid lower bound; the max with the
-    best single column keeps it at least as good as that.
-    """
-    gram = torch.matmul(wv, wv.mT)  # [..., k, k]
-    p = gram
-    for _ in range(squarings):
-        trace = p.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-        p = p / trace.clamp_min(torch.finfo(p.dtype).tiny)
-        p = torch.matmul(p, p)
-    # the dominant column of the (nearly rank-1) power is the top eigenvector's direction
-    col = p.norm(dim=-2).argmax(-1)  # [...]
-    x = torch.take_along_dim(p, col[..., None, None], dim=-1).squeeze(-1)
-    x = torch.nn.functional.normalize(x, dim=-1)
-    ritz = (x * torch.matmul(gram, x.unsqueeze(-1)).squeeze(-1)).sum(-1).clamp_min(0).sqrt()
-    return torch.maximum(ritz, wv.norm(dim=-1).amax(-1))
 
 
 def head_slices(weight: Tensor, n_heads: int, dim: int = 0) -> Tensor:
@@ -243,28 +280,34 @@ _GroupKey = tuple[int, int, torch.dtype, torch.device, bool]
 
 
 class SpectralNormEstimator:
-    """Spectral norms of many named matrices: one batched power iteration per shape, warm across calls.
+    """Spectral norms of many named matrices: a batched subspace iteration per shape group, warm across calls.
 
-    Matrices of equal shape, dtype and device are stacked and iterated together (one ``bmm`` per step per
-    group; the stacking copies the weights once per call; see ``stack``). A block of ``n_vectors`` orthonormal
-    left vectors is kept per matrix (orthogonal iteration; the estimate is the block's top Ritz value, a lower
-    bound on the true norm), so after the first call (``init_iters`` steps) each call only needs ``n_iter``
-    steps; a key whose shape changes is started again. Vectors whose update is not finite (NaN/Inf weights)
-    keep their previous value, so a transient overflow does not poison later calls; the returned norm for that
-    call is non-finite. No host synchronisation.
+    Matrices of equal input width, dtype and device form a group that is iterated in lockstep: per step, the
+    products ``W^T W V`` of its matrices (one ``bmm`` pair for the stacked group, see ``stack``), one batched
+    orthonormalisation of all their vector blocks (two Cholesky-QR passes, no Python loop over vectors) and,
+    when sharded, one all-reduce. A block of ``n_vectors`` orthonormal right vectors is kept per matrix (the
+    estimate is a Ritz value of the block, a lower bound on the true norm), so after the first call
+    (``init_iters`` steps) each call only needs ``n_iter`` steps; a key whose shape changes is started again.
+    Vectors whose update is not finite (NaN/Inf weights) keep their previous value, so a transient overflow
+    does not poison later calls; the returned norm for that call is non-finite. No host synchronisation.
+
+    Sharded matrices: call it with ``all_reduce`` and each rank's row shards (dim -2 of every ``[.., m, n]``
+    matrix split across the ranks; shards may differ in size). Every rank must pass the same keys in the same
+    order, with the same input widths; the vectors and the returned norms are replicated and are those of the
+    full matrices.
 
     Args:
         n_iter: steps per warm call (default :data:`DEFAULT_POWER_ITERS`, chosen from measurements, see the
             module docstring).
         init_iters: steps for the first call on a key (default :data:`DEFAULT_INIT_ITERS`).
         eps: norm floor in the normalisations.
-        seed: seed of the random starting vectors (deterministic across runs).
-        stack: stack each group into one batched power iteration (``True``) or iterate its matrices one by one
-            (``False``, no stacking copy). ``None`` (default) stacks on accelerators, where one launch per
-            group is what makes it cheap, and loops on CPU, where the copy costs more than it saves (measured:
-            8 matrices 1280x1280, 2 steps, 4 vectors: 210 ms stacked vs 112 ms looped).
+        seed: seed of the random starting vectors (deterministic across runs and ranks).
+        stack: stack the matrices of a group into one batched product (``True``) or multiply them one by one
+            (``False``, no stacking copy; the orthonormalisation and the reduction stay batched). ``None``
+            (default) stacks on accelerators, where one launch per group is what makes it cheap, and loops on
+            CPU, where the copy costs more than it saves.
         n_vectors: vectors per matrix (default :data:`DEFAULT_N_VECTORS`; 1 is plain power iteration, which
-            lags when top singular values trade places; capped at ``min(m, n)``).
+            lags when top singular values trade places; capped at the input width ``n``).
 
     Example:
         >>> est = SpectralNormEstimator()
@@ -295,7 +338,7 @@ class SpectralNormEstimator:
         self.seed = seed
         self.stack = stack
         self.n_vectors = n_vectors
-        self._u: dict[str, Tensor] = {}
+        self._v: dict[str, Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -306,11 +349,16 @@ class SpectralNormEstimator:
         return gen
 
     @torch.no_grad()
-    def __call__(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def __call__(
+        self, mats: Mapping[str, Tensor], *, all_reduce: AllReduce | None = None
+    ) -> dict[str, Tensor]:
         """Spectral norms of the given matrices.
 
         Args:
-            weights: key -> ``[m, n]`` matrix or ``[H, m, n]`` stack (e.g. from :func:`head_slices`).
+            mats: key -> ``[m, n]`` matrix or ``[H, m, n]`` stack (e.g. from :func:`head_slices`); with
+                ``all_reduce``, this rank's rows of them.
+            all_reduce: sums a tensor over the shard group and returns it (one call per step and group);
+                ``None`` for whole matrices.
 
         Returns:
             key -> 0-dim norm (for ``[m, n]``) or ``[H]`` norms (for ``[H, m, n]``), float32 (float64 for
@@ -320,7 +368,7 @@ class SpectralNormEstimator:
             ValueError: if a tensor is not 2-D or 3-D.
         """
         groups: dict[_GroupKey, list[tuple[str, Tensor, Tensor | None]]] = {}
-        for key, w in weights.items():
+        for key, w in mats.items():
             if w.ndim not in (2, 3):
                 raise ValueError(
                     f"SpectralNormEstimator: weights[{key!r}] must be [m, n] or [H, m, n], got shape "
@@ -328,65 +376,76 @@ class SpectralNormEstimator:
                 )
             w3 = w.detach().unsqueeze(0) if w.ndim == 2 else w.detach()
             dtype = _compute_dtype(w.dtype)
-            u = self._u.get(key)
-            k = min(self.n_vectors, int(w3.shape[-2]), int(w3.shape[-1]))
-            if u is not None and tuple(u.shape) != (w3.shape[0], k, w3.shape[-2]):
-                u = None  # the key changed shape (or n_vectors changed): start it again
-            if u is not None:
-                u = u.to(device=w.device, dtype=dtype, non_blocking=True)
-            gk = (int(w3.shape[-2]), int(w3.shape[-1]), dtype, w.device, u is None)
-            groups.setdefault(gk, []).append((key, w3, u))
+            n = int(w3.shape[-1])
+            k = min(self.n_vectors, n)
+            v = self._v.get(key)
+            if v is not None and tuple(v.shape) != (w3.shape[0], k, n):
+                v = None  # the key changed shape (or n_vectors changed): start it again
+            if v is not None:
+                v = v.to(device=w.device, dtype=dtype, non_blocking=True)
+            # the group key leaves out the row count, which row shards need not share across ranks
+            gk = (n, k, dtype, w.device, v is None)
+            groups.setdefault(gk, []).append((key, w3, v))
 
         out: dict[str, Tensor] = {}
-        for (m, _n, dtype, device, cold), items in groups.items():
-            sizes = [w3.shape[0] for _, w3, _ in items]
-            k = min(self.n_vectors, m, _n)
+        for (n, k, dtype, device, cold), items in groups.items():
+            sizes = [int(w3.shape[0]) for _, w3, _ in items]
             if cold:
-                u_all = _random_unit((sum(sizes), k, m), dtype, device, self._generator(device))
-                u_parts = list(_orthonormal_rows(u_all, self.eps).split(sizes))
+                v_all = _random_block((sum(sizes), k, n), dtype, device, self._generator(device))
             else:
-                u_parts = [u for _, _, u in items if u is not None]
+                v_all = torch.cat([v for _, _, v in items if v is not None])
             stack = self.stack if self.stack is not None else device.type != "cpu"
-            batches = [list(range(len(items)))] if stack else [[i] for i in range(len(items))]
-            for idxs in batches:
-                # one tensor is passed as is (power_iteration casts it); several are stacked (one copy)
-                if len(idxs) == 1:
-                    w_b, u_b = items[idxs[0]][1], u_parts[idxs[0]]
-                else:
-                    w_b = torch.cat([items[i][1].to(dtype) for i in idxs], dim=0)
-                    u_b = torch.cat([u_parts[i] for i in idxs], dim=0)
-                sigma, u_new = _block_power_iteration(
-                    w_b.to(dtype), u_b, self.init_iters if cold else self.n_iter, self.eps
-                )
-                # keep the previous block where the new one is unusable (non-finite or collapsed to zero)
-                ok = torch.isfinite(u_new).all(-1).all(-1) & (u_new[..., 0, :].norm(dim=-1) > 0.5)
-                u_keep = torch.where(ok[:, None, None], u_new, u_b)
-                start = 0
-                for i in idxs:
-                    key, h = items[i][0], sizes[i]
-                    self._u[key] = u_keep[start : start + h]
-                    out[key] = sigma[start] if weights[key].ndim == 2 else sigma[start : start + h]
-                    start += h
-        return {key: out[key] for key in weights}
+            weights: list[Tensor] = []
+            order: list[int] = []  # item indices in the order of `weights` (stacking groups equal row counts)
+            if stack:
+                by_rows: dict[int, list[int]] = {}
+                for i, (_, w3, _) in enumerate(items):
+                    by_rows.setdefault(int(w3.shape[-2]), []).append(i)
+                for idxs in by_rows.values():
+                    order += idxs
+                    parts = [items[i][1].to(dtype) for i in idxs]
+                    weights.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+            else:
+                order = list(range(len(items)))
+                weights = [w3.to(dtype) for _, w3, _ in items]
+            offsets = [0]
+            for s in sizes:
+                offsets.append(offsets[-1] + s)
+            if order != list(range(len(items))):
+                v_all = torch.cat([v_all[offsets[i] : offsets[i + 1]] for i in order])
+            sigma, v_new = _subspace_iteration(
+                weights, v_all, self.init_iters if cold else self.n_iter, all_reduce
+            )
+            # keep the previous block where the new one is unusable (non-finite weights)
+            ok = torch.isfinite(v_new).flatten(1).all(-1)
+            v_keep = torch.where(ok[:, None, None], v_new, v_all)
+            start = 0
+            for i in order:
+                key, h = items[i][0], sizes[i]
+                self._v[key] = v_keep[start : start + h]
+                out[key] = sigma[start] if mats[key].ndim == 2 else sigma[start : start + h]
+                start += h
+        return {key: out[key] for key in mats}
 
     def reset(self, key: str | None = None) -> None:
-        """Forget the vector of ``key`` (or of every key), so the next call starts it cold."""
+        """Forget the vectors of ``key`` (or of every key), so the next call starts it cold."""
         if key is None:
-            self._u.clear()
+            self._v.clear()
         else:
-            self._u.pop(key, None)
+            self._v.pop(key, None)
 
     def keys(self) -> list[str]:
-        """Keys that currently hold a warm vector."""
-        return list(self._u)
+        """Keys that currently hold warm vectors."""
+        return list(self._v)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state: ``{"vectors": {key: CPU tensor [H, k, m]}, "n_iter", "init_iters", ...}``.
+        """Plain-data state: ``{"layout": "right", "vectors": {key: CPU tensor [H, k, n]}, "n_iter", ...}``.
 
         Copies the vectors to the CPU (a device sync; call it only when checkpointing).
         """
         return {
-            "vectors": {k: u.detach().cpu().clone() for k, u in self._u.items()},
+            "layout": _LAYOUT,
+            "vectors": {k: v.detach().cpu().clone() for k, v in self._v.items()},
             "n_iter": self.n_iter,
             "init_iters": self.init_iters,
             "n_vectors": self.n_vectors,
@@ -396,7 +455,8 @@ class SpectralNormEstimator:
         """Restore vectors saved by :meth:`state_dict`; they move to each weight's device on the next call.
 
         ``n_iter``/``init_iters``/``n_vectors`` stay as constructed (stored for information only); a stored
-        block whose shape does not fit (e.g. another ``n_vectors``) is started again on the next call.
+        block whose shape does not fit (e.g. another ``n_vectors``) is started again on the next call. A state
+        of an older version (left vectors, no ``"layout"``) is dropped with a warning: every key starts cold.
 
         Raises:
             ValueError: if ``state`` has no ``"vectors"`` mapping of tensors.
@@ -407,4 +467,12 @@ class SpectralNormEstimator:
                 "SpectralNormEstimator.load_state_dict: expected {'vectors': {key: Tensor}}, got "
                 f"{type(state).__name__} with keys {list(state) if isinstance(state, Mapping) else []}"
             )
-        self._u = {str(k): v.detach().clone() for k, v in vectors.items()}
+        if state.get("layout") != _LAYOUT:
+            warnings.warn(
+                "SpectralNormEstimator.load_state_dict: the state holds left singular vectors of an older "
+                "version; they are dropped and every matrix starts cold on the next call",
+                stacklevel=2,
+            )
+            self._v = {}
+            return
+        self._v = {str(k): v.detach().clone() for k, v in vectors.items()}

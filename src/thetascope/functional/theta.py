@@ -149,48 +149,83 @@ def _half_masks(m: int, device: torch.device, dtype: torch.dtype) -> tuple[Tenso
     return cached
 
 
-def _bracket_block(rows: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """Certified delta bounds ``[2, N]`` (high, low) and ``exact [N]`` for float64 rows ``[N, L]`` of sum 1.
+def _bracket_inputs(probs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(rows, raw, total64, ok)`` for the bracket: ``[N, L]`` rows divided by their sums in the work dtype.
 
-    All-zero rows are allowed (their result is discarded). ``rows`` is overwritten (top-m entries zeroed).
+    The work dtype is float64 for float64 input and float32 otherwise (half types convert exactly). ``raw``
+    are the clamped input values, ``total64`` their sums in float64 (for the exact rows) and ``ok`` marks
+    finite rows of positive sum; other rows are zeroed.
+    """
+    work = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    raw = probs.detach().reshape(-1, probs.shape[-1]).to(work, copy=True)
+    finite = torch.isfinite(raw.sum(dim=-1))  # a NaN or +-inf entry makes the raw sum non-finite
+    raw.clamp_min_(0.0)  # tiny negative rounding noise -> 0
+    total64 = raw.sum(dim=-1, dtype=torch.float64)
+    ok = finite & (total64 > 0)
+    raw.masked_fill_(~ok.unsqueeze(-1), 0.0)
+    rows = raw / raw.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(work).tiny)
+    return rows, raw, total64, ok
+
+
+def _bracket_block(rows: Tensor, raw: Tensor, total64: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Certified delta bounds ``(high, low) [N]`` (float64) and ``exact [N]`` for rows ``[N, L]`` of sum 1.
+
+    ``rows`` is float32 or float64 (the work dtype); the ``[N, 2**(m-1)]`` part runs in it and its rounding is
+    absorbed by widening inexact brackets (see the bound below). All-zero rows are allowed (their result is
+    discarded). ``rows`` is overwritten (top-m entries zeroed).
     """
     n_rows, n_keys = rows.shape
+    work = rows.dtype
     top, idx = torch.topk(rows, m, dim=-1)  # sorted descending
-    pmax = top[:, 0]
-    # t = 1/2 - s for the subset sums s of the top m (item 0 excluded, see _half_masks): one addmm.
-    neg_mask, half = _half_masks(m, rows.device, rows.dtype)
-    target = torch.addmm(half, top[:, 1:], neg_mask)
+    # the top entries again in float64, from the raw values: the exact rows' arithmetic
+    top64 = (
+        raw.gather(-1, idx)
+        .to(torch.float64)
+        .div_(total64.clamp_min(torch.finfo(torch.float64).tiny)[:, None])
+    )
+    pmax64 = top64[:, 0]
     # The tail in index order; its prefix sums are a staircase 0 = c_0 <= ... <= c_L = T with steps at most
-    # the m-th largest entry. Sentinels -4 and 4 at both ends spare the index clamps below.
+    # the m-th largest entry.
     tail = rows.scatter_(-1, idx, 0.0)
-    stairs = torch.empty(n_rows, n_keys + 3, dtype=rows.dtype, device=rows.device)
-    stairs[:, 0] = -4.0
-    stairs[:, 1] = 0.0
-    stairs[:, -1] = 4.0
-    torch.cumsum(tail, dim=-1, out=stairs[:, 2:-1])
-    tail_mass = stairs[:, -2]
-    # Upper bound on theta: at best the tail adds any amount in [0, T], and dist(1/2, [s, s + T]) =
-    # max(|t - T/2| - T/2, 0). (In-place ops below: fewer [N, 2**(m-1)] allocations.)
+    cums = torch.cumsum(tail, dim=-1)
+    tail_mass = cums[:, -1]
     half_t = 0.5 * tail_mass
-    delta_low = ((target - half_t.unsqueeze(-1)).abs_().amin(dim=-1) - half_t).clamp_min_(0.0)
-    # Lower bound on theta: the stair nearest to t completes a real subset. searchsorted gives
-    # stairs[j - 1] < t <= stairs[j] (t is in [-1/2, 1/2], inside the sentinels).
-    j = torch.searchsorted(stairs, target)
-    above = stairs.gather(-1, j).sub_(target)
-    below = torch.sub(target, stairs.gather(-1, j.sub_(1)))
-    err = torch.minimum(above, below, out=above).amin(dim=-1)
+    # t' = 1/2 - T/2 - s for the subset sums s of the top m (item 0 excluded, see _half_masks): one addmm
+    # with a per-row bias, so both bounds below are distances of t' to something, with no further subtraction.
+    neg_mask, _ = _half_masks(m, rows.device, work)
+    target = torch.addmm((0.5 - half_t).unsqueeze(-1), top[:, 1:], neg_mask)
+    # Upper bound on theta: at best the tail adds any amount in [0, T], and dist(1/2, [s, s + T]) =
+    # max(|t'| - T/2, 0). The argmin is the best subset of the top m, used by the exact rows.
+    dist, best = target.abs().min(dim=-1)
+    delta_low = (dist - half_t).clamp_min_(0.0)
+    # Lower bound on theta: the stair nearest to t' (stairs shifted by -T/2 like t') completes a real subset.
+    # Searching the midpoints between stairs finds it in one search and one gather; a midpoint off by
+    # rounding can only pick the second-nearest stair, still a real subset (covered by the tolerance).
+    stairs = torch.empty(n_rows, n_keys + 3, dtype=work, device=rows.device)
+    stairs[:, 0] = -4.0  # sentinels: every t' in [-1, 1] lies strictly inside
+    stairs[:, 1] = -half_t
+    stairs[:, -1] = 4.0
+    torch.sub(cums, half_t.unsqueeze(-1), out=stairs[:, 2:-1])
+    mids = 0.5 * (stairs[:, 1:] + stairs[:, :-1])  # [N, L + 2]
+    j = torch.searchsorted(mids, target)  # mids[j - 1] < t' <= mids[j]: stairs[j] is the nearest
+    err = stairs.gather(-1, j).sub_(target).abs_().amin(dim=-1)
     # Floor: putting items one by one into the lighter half leaves halves within p_max of each other.
-    delta_high = torch.minimum(err, 0.5 * pmax)
-    peaked = pmax >= 0.5
+    delta_high = torch.minimum(err.to(torch.float64), 0.5 * pmax64)
+    peaked = pmax64 >= 0.5
     exact = peaked | (tail_mass == 0)
-    delta_exact = torch.where(peaked, pmax - 0.5, delta_low)
-    # Float64 rounding of the normalisation, the matmul and the cumsum: each computed sum is within
-    # (L + m + 4) * 2**-53 of its exact value (all partial sums are <= 1). Widen inexact brackets by
-    # twice that.
-    tol = 2.0 * (n_keys + m + 4) * torch.finfo(torch.float64).eps
-    delta = torch.stack([delta_high.add_(tol), delta_low.sub_(tol)])
-    delta = torch.where(exact, delta_exact, delta).clamp_(0.0, 0.5)
-    return delta, exact
+    # Exact rows in float64: the peak, or the best subset of the top m (found above) summed again in float64.
+    # In float32 a different subset could only beat it by less than the tolerance below.
+    bits = ((best.unsqueeze(-1) >> torch.arange(m - 1, device=rows.device)) & 1).to(torch.float64)
+    subset64 = (top64[:, 1:] * bits).sum(-1)
+    delta_exact = torch.where(peaked, pmax64 - 0.5, (0.5 - subset64).abs())
+    # Rounding in the work dtype (unit roundoff u = eps / 2): the normalisation moves every subset sum by at
+    # most (L + 2) u, the addmm (m terms and the bias) by (m + 2) u, the cumsum by L u, the shifts and the
+    # final subtraction by 3 u; every partial sum is <= 1.5. In all < (L + m + 4) eps, so widening inexact
+    # brackets by twice that keeps them certified.
+    tol = 2.0 * (n_keys + m + 4) * torch.finfo(work).eps
+    high = torch.where(exact, delta_exact, delta_high + tol).clamp_(0.0, 0.5)
+    low = torch.where(exact, delta_exact, delta_low.to(torch.float64) - tol).clamp_(0.0, 0.5)
+    return high, low, exact
 
 
 def balanced_mass_factor(probs: Tensor, *, exact_top: int = 10, validate: bool = True) -> ThetaBounds:
@@ -202,13 +237,15 @@ def balanced_mass_factor(probs: Tensor, *, exact_top: int = 10, validate: bool =
     which is therefore attained by a real subset. ``1 - p_max**2`` is also a lower bound. The width is at most
     about the square of the m-th largest entry.
 
-    Exact (``lower == upper``) when the row's support is at most ``exact_top`` or ``max(p) >= 1/2``.
-    The arithmetic runs in float64 whatever the input dtype. Inexact brackets are widened by
-    ``2 (L + m + 4) 2**-53`` in delta (float64 rounding) and, for float32 output, moved outward by ``2**-25``
-    before the cast, so they contain the exact-arithmetic theta of the input's values; exact rows match it to
-    float64 rounding and are then rounded to nearest. Rows are divided by their own sum first.
-    Cost: one ``topk`` + one ``cumsum`` over ``[N, L]`` and ``N * 2**(m-1)`` binary searches (no sort);
-    memory ~``N * 2**(m-1)`` float64 temporaries, processed in blocks of ``2**21`` elements.
+    Exact (``lower == upper``) when the row's support is at most ``exact_top`` or ``max(p) >= 1/2``. The
+    ``N * 2**(m-1)`` part runs in float32 for float32 and half inputs (float64 for float64 input): its
+    rounding is below ``(L + m + 4) eps`` in delta (``eps`` of the work dtype; see the bound in the code), and
+    inexact brackets are widened by twice that and, for float32 output, moved outward by ``2**-25`` before
+    the cast, so they contain the exact-arithmetic theta of the input's values. Exact rows are evaluated in
+    float64 (the peak, or the best subset of the top entries summed again) and rounded to nearest. Rows are
+    divided by their own sum first. Cost: one ``topk`` and one ``cumsum`` over ``[N, L]``, one ``addmm``, one
+    ``min``, one ``searchsorted`` and one ``gather`` over ``N * 2**(m-1)`` elements (no sort, no host sync),
+    in blocks of ``2**21`` elements.
 
     Args:
         probs: ``[..., L]`` probability rows (any float dtype, any device).
@@ -236,15 +273,18 @@ def balanced_mass_factor(probs: Tensor, *, exact_top: int = 10, validate: bool =
     batch_shape = probs.shape[:-1]
     n_keys = probs.shape[-1]
     m = min(exact_top, n_keys)
-    rows, ok = _normalised_rows(probs)
+    rows, raw, total64, ok = _bracket_inputs(probs)
     n_rows = rows.shape[0]
     chunk = max(1, _BLOCK_ELEMENTS >> (m - 1))
-    if n_rows <= chunk:
-        delta, exact = _bracket_block(rows, m)
+    parts = [
+        _bracket_block(rows[i : i + chunk], raw[i : i + chunk], total64[i : i + chunk], m)
+        for i in range(0, n_rows, chunk)
+    ]
+    if len(parts) == 1:
+        high, low, exact = parts[0]
     else:
-        parts = [_bracket_block(rows[i : i + chunk], m) for i in range(0, n_rows, chunk)]
-        delta = torch.cat([d for d, _ in parts], dim=1)
-        exact = torch.cat([e for _, e in parts])
+        high, low, exact = (torch.cat(t) for t in zip(*parts))
+    delta = torch.stack([high, low])
     theta = delta.square_().mul_(-4.0).add_(1.0)  # [2, N]: lower, upper
     if out_dtype != torch.float64:
         # Round outward: moving an inexact bound by half a float32 ulp at 1 (2**-25) before the cast to
