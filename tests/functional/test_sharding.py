@@ -109,7 +109,14 @@ def _worker(rank: int, world_size: int, mesh_shape: tuple[int, ...]) -> dict[str
         sigmas.append(float(sigma))
         exact.append(float(torch.linalg.matrix_norm(ref[a:b], ord=2)))
         calls.append(n)
+    # the estimator of thetascope.functional.spectral on the same row shards, with the shard group's reduction
+    from thetascope.functional.spectral import SpectralNormEstimator
+
+    est = SpectralNormEstimator(init_iters=60, seed=3)
+    mats = {f"w{i}": local_rows(w.detach()) for i, w in enumerate(weights)}
+    est_sigmas = [float(s) for s in est(mats, all_reduce=shard_all_reduce(shard_group(weights))).values()]
     return {
+        "est_sigmas": est_sigmas,
         "full": full.double(),
         "world_sum": world_sum.double(),
         "expected": expected,
@@ -136,6 +143,7 @@ def test_sharded_sums_of_squares_and_power_iteration_match_unsharded(mesh_shape:
         # the distributed power iteration matches the SVD of the unsharded weight (and of a row slice)
         assert r["sigmas"] == pytest.approx(r["exact"], rel=1e-6)
         assert r["calls"] == [201] * 4  # one vector all-reduce per step, plus the final norm
+        assert r["est_sigmas"] == pytest.approx(r["exact"][:3], rel=1e-5)
     if mesh_shape == (2,):
         assert ranks[0]["group_size"] == 2
         assert [r["rows"] for r in ranks] == [[(0, 4), (0, 2), (0, 1)], [(4, 7), (2, 3), (1, 1)]]
