@@ -216,13 +216,18 @@ def local_sums_of_squares(
         return out
     # [n] one fused kernel over every non-empty local tensor; squares are accumulated in ``dtype``
     norms = torch._foreach_norm([locals_[i].to(dtype) for i in nonempty])
-    sq = torch.stack(list(norms)).to(device=device, dtype=dtype).square()
-    weights = torch.tensor([1.0 / _copies(flat[i], sg, world) for i in nonempty], dtype=dtype, device=device)
+    # weights as Python scalars: no host-to-device copy (this also runs at every optimizer step)
+    weighted = torch._foreach_mul(
+        torch._foreach_mul(norms, norms), [1.0 / _copies(flat[i], sg, world) for i in nonempty]
+    )
+    sq = torch.stack(list(weighted)).to(device=device, dtype=dtype)
+    if len(groups) == 1:
+        return sq.sum().reshape(1)
     owner = []
     for gi, g in enumerate(groups):
         owner.extend([gi] * len(g))
     index = torch.tensor([owner[i] for i in nonempty], dtype=torch.long, device=device)
-    return out.index_add_(0, index, sq * weights)
+    return out.index_add_(0, index, sq)
 
 
 def shard_all_reduce(sg: ShardGroup) -> AllReduce:
