@@ -6,10 +6,19 @@ construction, not at the first measurement.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_bool", "check_layers_arg", "check_positive_int", "check_prefix", "select_layers"]
+__all__ = [
+    "check_bool",
+    "check_layers_arg",
+    "check_open_fraction",
+    "check_positive_float",
+    "check_positive_int",
+    "check_prefix",
+    "select_layers",
+]
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -69,3 +78,22 @@ def select_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
             f"layers={list(spec)} names layer(s) {bad} but the model has {n_layers} (0..{n_layers - 1})"
         )
     return chosen
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number > 0 (bools refused), else ``ValueError`` naming it."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_open_fraction(name: str, value: Any) -> float:
+    """``value`` as a float if it is a number in (0, 1) (bools refused), else ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)

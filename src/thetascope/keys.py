@@ -116,3 +116,49 @@ def parse_layer_key(key: str, prefix: str = "") -> tuple[str, str | None, int] |
     if stack is not None and stack not in STACKS:
         field, stack = f"{field}/{stack}", None
     return field, stack, int(m["index"])
+
+
+# ---------------------------------------------------------------------------------- gradient, temperature
+# Written by monitors.gradient.GradientFlowCore (callbacks.GradientFlowMonitor) and
+# monitors.temperature.TemperatureController (callbacks.TemperatureWarmup); read by report/.
+
+#: Per-layer fields of the gradient monitor: ``{prefix}grad_norm/layer_XX``, with the stack
+#: (``{prefix}grad_norm/encoder/layer_XX``) for encoder-decoder models.
+GRADIENT_LAYER_FIELDS: tuple[str, ...] = ("grad_norm",)
+#: Global gradient norm of the stepped optimizer's parameters (``sqrt`` of the summed squares).
+GRAD_NORM_GLOBAL = "grad_norm/global"
+#: The same value under its headline name, also put into ``trainer.callback_metrics``.
+GRAD_NORM_HEADLINE = "grad_norm_global"
+#: Group of the depth-profile statistics: ``{prefix}grad/{field}`` for each of :data:`PATHOLOGY_FIELDS`.
+PATHOLOGY_GROUP = "grad/"
+#: Depth-profile statistics of the per-layer gradient norms (see ``functional.gradient_pathology``).
+PATHOLOGY_FIELDS: tuple[str, ...] = ("early_late_ratio", "log_slope", "vanishing_layers", "min_max_ratio")
+#: 1 when a gradient-norm or loss spike happened since the previous measurement (max over ranks).
+GRAD_SPIKE = "grad/spike"
+#: Gradient-norm spikes since the start of training.
+GRAD_SPIKE_COUNT = "grad/spike_count"
+#: Loss spikes since the start of training (max over ranks: each rank watches its own loss).
+LOSS_SPIKE_COUNT = "loss/spike_count"
+#: Optimizer steps whose global gradient norm was not finite.
+GRAD_NONFINITE = "grad/nonfinite"
+#: The spike and non-finite counters, in logging order.
+SPIKE_FIELDS: tuple[str, ...] = (GRAD_SPIKE, GRAD_SPIKE_COUNT, LOSS_SPIKE_COUNT, GRAD_NONFINITE)
+#: Image key of the layer x step heatmap of the per-layer gradient norms.
+GRAD_NORM_HEATMAP = "grad_norm/heatmap"
+#: The attention temperature applied at a step.
+TEMPERATURE = "temperature"
+
+__all__ += [
+    "GRADIENT_LAYER_FIELDS",
+    "GRAD_NONFINITE",
+    "GRAD_NORM_GLOBAL",
+    "GRAD_NORM_HEADLINE",
+    "GRAD_NORM_HEATMAP",
+    "GRAD_SPIKE",
+    "GRAD_SPIKE_COUNT",
+    "LOSS_SPIKE_COUNT",
+    "PATHOLOGY_FIELDS",
+    "PATHOLOGY_GROUP",
+    "SPIKE_FIELDS",
+    "TEMPERATURE",
+]

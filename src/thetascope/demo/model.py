@@ -31,8 +31,7 @@ class GPTConfig:
         n_head: attention heads per block.
         n_embd: model width ``d`` (divisible by ``n_head``).
         norm: ``"pre"`` (LayerNorm before each sublayer, identity residual path) or ``"post"`` (LayerNorm
-            after
-            each residual addition, as in the original Transformer).
+            after each residual addition, as in the original Transformer).
         path_length_scaling: scale each of the four attention projections at initialisation, and each
             sublayer's residual contribution, by ``N^(-1/4)`` (the path-length rule for ``m = 4`` maps; the
             DeepNorm-style fix for post-LN).

@@ -7,8 +7,7 @@ Seven runs share data order, seed and learning rate and differ in one thing each
 * ``post_ln-path_length`` (post-LN with the ``N^(-1/4)`` path-length scaling, no warmup)
 
 "temp_warmup" replaces LR warmup by attention-temperature warmup (tau 4 -> 1, geometric); it is not added
-to it.
-Each run writes a CSV log (``<out>/<run>/metrics.csv``) and a TensorBoard log (``<out>/<run>/tb/``).
+to it. Each run writes a CSV log (``<out>/<run>/metrics.csv``) and a TensorBoard log (``<out>/<run>/tb/``).
 """
 
 from __future__ import annotations

@@ -12,10 +12,15 @@ from torch.nn import Parameter
 
 __all__ = [
     "LAYER_PATTERN",
+    "STACKS",
+    "global_grad_norm",
     "grad_norms_by_group",
+    "grad_sq_norms_by_group",
     "gradient_pathology",
+    "group_parameters_by_block",
     "group_parameters_by_layer",
     "layer_index_of",
+    "layer_stack_of",
 ]
 
 #: Matches a known layer-container name followed by a numeric index as whole dotted components:
@@ -28,8 +33,9 @@ LAYER_PATTERN = re.compile(r"(?:^|\.)(?:h|layers?|blocks?|resblocks)\.(\d+)(?=\.
 def layer_index_of(name: str) -> int | None:
     """Layer index of a parameter name: the first number after a known container (see :data:`LAYER_PATTERN`).
 
-    Encoder-decoder models that number both stacks from 0 (T5's ``encoder.block.0`` and ``decoder.block.0``)
-    get the same index for both; pass your own ``layer_of`` to :func:`group_parameters_by_layer` there.
+    Encoder-decoder models number both stacks from 0 (T5's ``encoder.block.0`` and ``decoder.block.0``), so
+    the index alone does not tell their layers apart: :func:`layer_stack_of` gives the stack and
+    :func:`group_parameters_by_block` groups by both.
 
     Args:
         name: a dotted parameter name as from ``model.named_parameters()``.
@@ -45,6 +51,77 @@ def layer_index_of(name: str) -> int | None:
     """
     match = LAYER_PATTERN.search(name)
     return int(match.group(1)) if match else None
+
+
+#: Stacks told apart by :func:`group_parameters_by_block`, in depth order (input side first).
+STACKS: tuple[str, ...] = ("encoder", "decoder")
+
+
+def layer_stack_of(name: str) -> str | None:
+    """The stack (``"encoder"`` or ``"decoder"``) that holds the layer of a parameter name, if any.
+
+    The stack is the last dotted component before the layer container that is, or ends with, ``encoder`` or
+    ``decoder`` (``model.decoder.layers.3`` in BART, ``decoder.block.3`` in T5, ``decoder.layers.3`` in
+    ``torch.nn.Transformer``).
+
+    Example:
+        >>> layer_stack_of("model.decoder.layers.3.fc1.weight"), layer_stack_of("encoder.block.0.layer.0.w")
+        ('decoder', 'encoder')
+        >>> layer_stack_of("transformer.h.3.attn.c_attn.weight") is None
+        True
+    """
+    match = LAYER_PATTERN.search(name)
+    if match is None:
+        return None
+    for part in reversed(name[: match.start()].split(".")):
+        for stack in STACKS:
+            if part.endswith(stack):
+                return stack
+    return None
+
+
+def group_parameters_by_block(
+    named_parameters: Iterable[tuple[str, Parameter]],
+) -> tuple[list[tuple[str | None, int]], list[list[Parameter]], list[Parameter]]:
+    """Group trainable parameters by ``(stack, layer index)``, keeping encoder and decoder layers apart.
+
+    The stack is given only when the model has layers in more than one stack (see :func:`layer_stack_of`):
+    a single-stack model (GPT, Llama, or BERT, whose layers live in ``bert.encoder``) gets ``None`` for every
+    layer, so its groups are those of :func:`group_parameters_by_layer`. Blocks are sorted in depth order:
+    encoder layers, then decoder layers. Frozen and repeated (tied) parameters are handled as there.
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+
+    Returns:
+        ``(blocks, groups, other)``: the sorted ``(stack, index)`` pairs, the parameters of each (same order),
+        and the parameters outside any layer.
+
+    Example:
+        >>> model = torch.nn.Transformer(d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=1,
+        ...                              dim_feedforward=8, batch_first=True)
+        >>> blocks, groups, other = group_parameters_by_block(model.named_parameters())
+        >>> blocks
+        [('encoder', 0), ('encoder', 1), ('decoder', 0)]
+    """
+    named = list(named_parameters)
+    stacks = {layer_stack_of(n) for n, p in named if p.requires_grad and layer_index_of(n) is not None}
+    split = len(stacks) > 1
+    order: dict[str | None, int] = {None: 0, **{s: i for i, s in enumerate(STACKS)}}
+    keyed: dict[tuple[str | None, int], int] = {}
+
+    def block_of(name: str) -> int | None:
+        idx = layer_index_of(name)
+        if idx is None:
+            return None
+        return keyed.setdefault((layer_stack_of(name) if split else None, idx), len(keyed))
+
+    ids, groups, other = group_parameters_by_layer(named, layer_of=block_of)
+    block_at = {v: k for k, v in keyed.items()}
+    pairs = sorted(
+        ((block_at[i], g) for i, g in zip(ids, groups)), key=lambda kg: (order[kg[0][0]], kg[0][1])
+    )
+    return [k for k, _ in pairs], [g for _, g in pairs], other
 
 
 def group_parameters_by_layer(
@@ -103,6 +180,78 @@ def _tensor_norms(grads: list[Tensor]) -> list[Tensor]:
     return norms if dtype == torch.float32 else [n.float() for n in norms]
 
 
+def global_grad_norm(params: Iterable[Tensor]) -> Tensor | None:
+    """``sqrt(sum of squares)`` of all gradients of ``params`` from ONE fused ``torch._foreach_norm``.
+
+    The per-step path (spike detection): unlike :func:`grad_sq_norms_by_group` it needs no group index
+    tensor, whose creation from a Python list would be a synchronous host-to-device copy on CUDA. No host
+    synchronisation.
+
+    Returns:
+        A 0-dim float32 tensor on the gradients' device, or ``None`` when no parameter has a gradient.
+
+    Example:
+        >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+        >>> a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+        >>> float(global_grad_norm([a, b]))
+        5.0
+    """
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return None
+    device = grads[0].device
+    norms = torch.stack([n.to(device, non_blocking=True) for n in _tensor_norms(grads)])
+    return torch.linalg.vector_norm(norms)
+
+
+def grad_sq_norms_by_group(
+    groups: Sequence[Sequence[Tensor]], *, other: Sequence[Tensor] = ()
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum of squared gradient entries of each parameter group and of everything, from one fused norm.
+
+    Sums of squares, not norms, so that shards of one parameter held by different ranks can be added before
+    the square root. Per-tensor norms come from one ``torch._foreach_norm`` (float32) and are squared and
+    scatter-added into their group. Parameters whose ``.grad`` is ``None`` are skipped (a group without any
+    gradient reads 0); a NaN or Inf gradient makes its group and the total NaN or Inf. No host sync.
+
+    Args:
+        groups: parameter groups, e.g. from :func:`group_parameters_by_block`.
+        other: parameters counted in the total only (embeddings, heads).
+
+    Returns:
+        ``(per_group_sq [N], total_sq [], nonfinite [])``: float32 on the gradients' device (the first
+        gradient's, CPU if none), and the number of gradient tensors whose norm is not finite (long).
+
+    Example:
+        >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        >>> a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+        >>> per_group, total, _ = grad_sq_norms_by_group([[a], [b]])
+        >>> per_group.tolist(), float(total)
+        ([9.0, 16.0], 25.0)
+    """
+    grads: list[Tensor] = []
+    index: list[int] = []
+    for gi, group in enumerate(groups):
+        for p in group:
+            if p.grad is not None:
+                grads.append(p.grad.detach())
+                index.append(gi)
+    for p in other:
+        if p.grad is not None:
+            grads.append(p.grad.detach())
+            index.append(len(groups))  # an extra slot, dropped below
+    n_groups = len(groups)
+    device = grads[0].device if grads else torch.device("cpu")
+    if not grads:
+        zero = torch.zeros((), device=device)
+        return torch.zeros(n_groups, device=device), zero, torch.zeros((), dtype=torch.long, device=device)
+    norms = torch.stack([n.to(device, non_blocking=True) for n in _tensor_norms(grads)])
+    sq = norms.square()
+    idx = torch.tensor(index, device=device)
+    per_sq = torch.zeros(n_groups + 1, device=device).index_add_(0, idx, sq)[:n_groups]
+    return per_sq, sq.sum(), (~torch.isfinite(norms)).sum()
+
+
 @overload
 def grad_norms_by_group(
     groups: Sequence[Sequence[Tensor]],
@@ -129,10 +278,9 @@ def grad_norms_by_group(
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Gradient 2-norm of each parameter group and of everything, from one ``torch._foreach_norm``.
 
-    Per-tensor norms are computed in one fused call (float32), squared, scatter-added into their group and
-    square-rooted, so a group's norm is the norm of its concatenated gradients, never a sum of norms.
-    Parameters whose ``.grad`` is ``None`` are skipped (a group without any gradient reads 0). A group holding
-    a NaN or Inf gradient reads NaN or Inf, and so does the global norm. No host synchronisation.
+    The square roots of :func:`grad_sq_norms_by_group`: a group's norm is the norm of its concatenated
+    gradients, never a sum of norms. A group holding a NaN or Inf gradient reads NaN or Inf, and so does the
+    global norm. No host synchronisation.
 
     Args:
         groups: parameter groups, e.g. from :func:`group_parameters_by_layer`.
@@ -150,33 +298,10 @@ def grad_norms_by_group(
         >>> per_group.tolist(), float(total)
         ([3.0, 4.0], 5.0)
     """
-    grads: list[Tensor] = []
-    index: list[int] = []
-    for gi, group in enumerate(groups):
-        for p in group:
-            if p.grad is not None:
-                grads.append(p.grad.detach())
-                index.append(gi)
-    for p in other:
-        if p.grad is not None:
-            grads.append(p.grad.detach())
-            index.append(len(groups))  # an extra slot, dropped below
-    n_groups = len(groups)
-    device = grads[0].device if grads else torch.device("cpu")
-    if not grads:
-        zero = torch.zeros((), device=device)
-        per = torch.zeros(n_groups, device=device)
-        nonfinite = torch.zeros((), dtype=torch.long, device=device)
-        return (per, zero, nonfinite) if return_nonfinite else (per, zero)
-    norms = torch.stack([n.to(device, non_blocking=True) for n in _tensor_norms(grads)])
-    sq = norms.square()
-    idx = torch.tensor(index, device=device)
-    per_sq = torch.zeros(n_groups + 1, device=device).index_add_(0, idx, sq)[:n_groups]
-    per_group = per_sq.sqrt()
-    global_norm = sq.sum().sqrt()
+    per_sq, total_sq, nonfinite = grad_sq_norms_by_group(groups, other=other)
     if return_nonfinite:
-        return per_group, global_norm, (~torch.isfinite(norms)).sum()
-    return per_group, global_norm
+        return per_sq.sqrt(), total_sq.sqrt(), nonfinite
+    return per_sq.sqrt(), total_sq.sqrt()
 
 
 def gradient_pathology(layer_norms: Tensor, vanishing_fraction: float = 0.01) -> dict[str, Tensor]:

@@ -37,7 +37,7 @@ class TemperatureSchedule:
 
     Args:
         tau_start: Temperature at step 0 (> 0). Logits are divided by ``tau``, so ``tau > 1`` flattens
-        attention.
+            attention.
         tau_end: Temperature from ``warmup_steps`` on (> 0), usually 1.
         warmup_steps: Number of optimizer steps of the warmup (>= 0; 0 means ``tau_end`` throughout).
         schedule: One of ``"linear"``, ``"cosine"``, ``"geometric"``.
