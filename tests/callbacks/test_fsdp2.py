@@ -175,12 +175,18 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     return out
 
 
-def _same(a: Any, b: Any) -> bool:
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Paths where two states differ (tensors to float tolerance)."""
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a)} != {sorted(b)}"]
+        return [d for k in a for d in _diff(a[k], b[k], f"{path}/{k}")]
     if isinstance(a, Tensor):
-        return torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-7)
-    return bool(a == b)
+        same = a.shape == b.shape and torch.allclose(
+            a.double(), b.double(), rtol=1e-5, atol=1e-7, equal_nan=True
+        )
+        return [] if same else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
 def test_fsdp2_resume_restores_vectors_and_spike_state_and_stop_agrees(tmp_path: Path) -> None:
@@ -198,9 +204,9 @@ def test_fsdp2_resume_restores_vectors_and_spike_state_and_stop_agrees(tmp_path:
     for r in ranks:
         # the power-iteration vectors (replicated) and the gradient spike detector (fed the global norm, so
         # identical on every rank) end where the uninterrupted run ends
-        assert _same(r["resumed"]["vectors"], r["full"]["vectors"])
-        assert _same(r["resumed"]["grad_detector"], r["full"]["grad_detector"])
+        assert _diff(r["resumed"]["vectors"], r["full"]["vectors"]) == []
+        assert _diff(r["resumed"]["grad_detector"], r["full"]["grad_detector"]) == []
         assert r["stopped_at"] == SpikyLM.spike_step + 1
         assert r["spike"] == 1.0
     # the loss detector is per rank; Lightning restores rank zero's callback state on every rank
-    assert _same(r0["resumed"]["loss_detector"], r0["full"]["loss_detector"])
+    assert _diff(r0["resumed"]["loss_detector"], r0["full"]["loss_detector"]) == []

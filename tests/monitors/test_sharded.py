@@ -6,6 +6,7 @@ depend on how many layers (parameters) the model has; nothing when not measuring
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -52,6 +53,24 @@ def _one_model(n_layer: int) -> dict[str, Any]:
         g, out[f"grad_measure_{call}"] = _counts(lambda: grad.measure(opt))
         logged, out[f"grad_reduce_{call}"] = _counts(lambda g=g: grad.reduce(g, gather))
         opt.zero_grad()
+    if n_layer == 2:
+        # a failure on rank 1 only, inside the measured forward's weight read of layer 1: no deadlock, the
+        # layer is switched off on both ranks, layer 0 is still measured
+        import torch.distributed as dist
+
+        rec = att.probe.layers[1]
+        if dist.get_rank() == 1:
+
+            def broken() -> Any:
+                raise RuntimeError("rank-local failure")
+
+            rec._weights_fn = broken
+        with pytest.warns(RuntimeWarning) if dist.get_rank() == 1 else contextlib.nullcontext():
+            with att.capture():
+                model(x)
+            logged = att.reduce(att.measure(), gather)
+        out["after_failure"] = sorted(k for k in logged if "proj_norm/layer" in k)
+        out["disabled"] = sorted(att.guard.disabled)
     out["iters"] = (att.estimator.init_iters, att.estimator.n_iter)
     out["n_params"] = len(list(model.parameters()))
     out["logged_layers"] = sorted(k for k in logged if "grad_norm/layer" in k)
@@ -64,8 +83,10 @@ def _worker(rank: int, world_size: int) -> dict[int, dict[str, Any]]:
 
 @pytest.mark.ddp
 def test_collectives_of_one_measurement_are_counted() -> None:
-    res = run_ddp(_worker, world_size=2, timeout=200)[0]
-    two, four = res[2], res[4]
+    ranks = run_ddp(_worker, world_size=2, timeout=200)
+    two, four = ranks[0][2], ranks[0][4]
+    assert ranks[1][2]["after_failure"] == two["after_failure"]
+    assert ranks[1][2]["disabled"] == two["disabled"]
     assert four["n_params"] > two["n_params"]
     assert len(four["logged_layers"]) == 4
     init_iters, n_iter = two["iters"]
@@ -80,3 +101,5 @@ def test_collectives_of_one_measurement_are_counted() -> None:
         assert r["att_measure_0"] == {"allreduce_": init_iters}
         assert r["att_measure_1"] == {"allreduce_": n_iter}
         assert r["att_reduce_0"] == r["att_reduce_1"] == {"allgather_": 1}
+    assert two["after_failure"] == ["stability/proj_norm/layer_00"]
+    assert two["disabled"] == ["layer_01"]

@@ -40,7 +40,8 @@ def model_shard_group(model: nn.Module) -> ShardGroup | None:
 
 def projection_mats(w: Any, name: str) -> dict[str, Tensor]:
     """The matrices whose spectral norms a layer reports, by key: whole ``q, k, v, o`` and per-head
-    ``qh, kh, vh`` stacks (``[H, d_h, d_in]``), from a :class:`~thetascope.capture.records.ProjectionWeights`."""
+    ``qh, kh, vh`` stacks (``[H, d_h, d_in]``), from a
+    :class:`~thetascope.capture.records.ProjectionWeights`."""
     ph = w.per_head()
     return {
         f"{name}/q": w.w_q,
@@ -54,7 +55,7 @@ def projection_mats(w: Any, name: str) -> dict[str, Tensor]:
 
 
 def _my_rows(m: Tensor, coord: int, size: int) -> Tensor:
-    """This rank's contiguous share of the rows (dim -2) of ``m``, copied (it outlives FSDP's full weights)."""
+    """This rank's contiguous share of the rows (dim -2) of ``m``, copied (it outlives the full weights)."""
     rows = m.shape[-2]
     step = -(-rows // size)
     start = min(coord * step, rows)
@@ -80,19 +81,31 @@ class ShardedProjections:
         self.coord = dist.get_rank(sg.group) if sg.group is not None else dist.get_rank()
         self._shards: dict[str, dict[str, Tensor]] = {}
         self._shapes: dict[str, dict[str, tuple[torch.Size, torch.dtype, torch.device]]] = {}
+        #: per layer: (n_heads, n_kv_heads, head_dim, shared_qk), read while the weights were full
+        self.meta: dict[str, tuple[int, int, int, bool]] = {}
+        #: layers whose hook failed in the last measured forward, with the error
+        self.errors: dict[str, BaseException] = {}
 
     @contextlib.contextmanager
     def capture(self, layers: Sequence[tuple[str, Any]]) -> Iterator[None]:
-        """Hook ``(name, record)`` layers' attention modules for one forward (a record's ``adapter.module``)."""
+        """Hook the attention modules (``record.adapter.module``) of ``(name, record)`` for one forward."""
         self._shards = {}
+        self.errors = {}
         handles = []
         for name, rec in layers:
 
             def hook(_mod: nn.Module, _args: Any, _out: Any, name: str = name, rec: Any = rec) -> None:
-                with torch.no_grad():
-                    mats = projection_mats(rec.weights(), name)
-                    self._shards[name] = {k: _my_rows(m, self.coord, self.size) for k, m in mats.items()}
-                    self._shapes[name] = {k: (m.shape, m.dtype, m.device) for k, m in mats.items()}
+                try:
+                    with torch.no_grad():
+                        w = rec.weights()
+                        mats = projection_mats(w, name)
+                        shards = {k: _my_rows(m, self.coord, self.size) for k, m in mats.items()}
+                except Exception as err:  # never break the forward; the monitor reports it for this layer
+                    self.errors[name] = err
+                    return
+                self._shards[name] = shards
+                self._shapes[name] = {k: (m.shape, m.dtype, m.device) for k, m in mats.items()}
+                self.meta[name] = (int(w.n_heads), int(w.n_kv_heads), int(w.head_dim), bool(w.shared_qk))
 
             handles.append(rec.adapter.module.register_forward_hook(hook))
         try:
@@ -119,6 +132,33 @@ class ShardedProjections:
                 }
             out.update(shards)
         return out
+
+    @contextlib.contextmanager
+    def weights_from_meta(self, layers: Sequence[tuple[str, Any]]) -> Iterator[None]:
+        """While inside, ``record.weights()`` of these layers gives shapes and head counts only (no tensors).
+
+        Outside the forward an FSDP2 weight is a ``DTensor`` shard: reading it through an adapter's slicing
+        would redistribute (gather) it. The head counts, head width and whether W_Q and W_K are shared were
+        read in the measured forward and are served from there (empty tensors, shared where they were).
+        """
+        from thetascope.capture.records import ProjectionWeights
+
+        saved = []
+        for name, rec in layers:
+            meta = self.meta.get(name)
+            if meta is None:
+                continue
+            h, hkv, dh, shared = meta
+            # distinct one-element tensors (empty ones would all share data_ptr 0 and read as shared)
+            q, k, v, o = (torch.zeros(1) for _ in range(4))
+            pw = ProjectionWeights(q, q if shared else k, v, o, h, hkv, dh)
+            saved.append((rec, rec._weights_fn))
+            rec._weights_fn = lambda pw=pw: pw
+        try:
+            yield
+        finally:
+            for rec, fn in saved:
+                rec._weights_fn = fn
 
     def seen(self, name: str) -> bool:
         """Whether the last measured forward gave this rank the row shards of layer ``name``."""
