@@ -89,6 +89,7 @@ def _fit(
         t.save_checkpoint(save)
     return {
         "logged": logger.metrics,
+        "card": {k: v for k, v in logger.hparams.items() if "card/" in k},
         "grad": dict(grad.last_values),
         "attn": dict(attn.last_values),
         "global_step": t.global_step,
@@ -120,6 +121,9 @@ def test_fsdp2_matches_single_process(tmp_path: Path) -> None:
         assert set(got[key]) == set(by_step) == {0, 2, 4}, key
         for step, value in by_step.items():
             assert got[key][step] == pytest.approx(value, rel=2e-4, abs=1e-6), (key, step)
+    # the architecture card (path length m from W_Q/W_K sharing, read in the sharded forward) is the same
+    assert ranks[0]["card"] == single["card"]
+    assert single["card"]["stability/card/path_length_m"] == 4
     # keys once, from rank zero: rank 1 wrote nothing; both ranks computed the same reduced values
     assert not any(k.startswith("stability/") for k in ranks[1]["logged"])
     assert ranks[0]["grad"] == ranks[1]["grad"]
