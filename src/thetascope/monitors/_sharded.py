@@ -117,10 +117,11 @@ class ShardedProjections:
     def mats(self, names: Sequence[str]) -> dict[str, Tensor]:
         """This rank's row shards for the layers ``names`` (the same keys and widths on every rank).
 
-        A layer whose forward this rank did not see (or whose hook failed) gets zero rows of the shapes it had
-        before, so every rank still runs the same all-reduces (no deadlock); its norms are then those of the
-        other ranks' rows only, and the caller reports the failure through its guard. A layer never seen on
-        this rank raises ``KeyError`` (the caller's measurement fails, agreed at the next reduction).
+        A layer whose hook failed on this rank (see :attr:`errors`) gets zero rows of the shapes it had
+        before, so every rank still runs the same all-reduces (no deadlock); the caller fails that layer,
+        which drops its values of this step on every rank. Not supported: a layer that never ran on this rank
+        in any measured forward while it ran on others (``KeyError`` here, before the collectives), and a
+        layer skipped on one rank only (its norms would come from the other ranks' rows).
         """
         out: dict[str, Tensor] = {}
         for name in names:
