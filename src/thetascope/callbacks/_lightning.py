@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "FSDP2_ADVICE",
     "fit_end_diagnosis",
     "gather_host_ints",
     "gather_reduce",
@@ -34,21 +35,70 @@ __all__ = [
 ]
 
 
-def refuse_sharded(trainer: pl.Trainer, owner: str, what: str) -> None:
-    """Raise ``RuntimeError`` under strategies that shard parameters (FSDP, DeepSpeed, ModelParallel).
+#: How to run sharded training with thetascope (named in every refusal).
+FSDP2_ADVICE = (
+    "Use FSDP2 instead: Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
+    "tensor_parallel_size=1)) with torch.distributed.fsdp.fully_shard applied to each block in "
+    "LightningModule.configure_model"
+)
 
-    Per-rank gradient and weight norms there are norms of shards: reporting them would be silently wrong.
+
+def _tensor_parallel_size(strategy: Any) -> int:
+    mesh = getattr(strategy, "_device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if mesh is not None and "tensor_parallel" in names:
+        return int(mesh["tensor_parallel"].size())
+    size = getattr(strategy, "_tensor_parallel_size", 1)
+    return size if isinstance(size, int) else 1
+
+
+def refuse_sharded(trainer: pl.Trainer, owner: str, what: str, *, fsdp2: bool = False) -> None:
+    """Raise ``RuntimeError`` at setup under a strategy whose shards ``owner`` cannot turn into full values.
+
+    Refused, each with the reason in the message: ``FSDPStrategy`` (FSDP1: it flattens a module's parameters
+    into one ``FlatParameter`` and shards that flat vector, so outside the forward a rank holds 1-D
+    fragments that are neither whole parameters nor rows of them), ``DeepSpeedStrategy`` (ZeRO partitions
+    flattened parameter and gradient buffers inside DeepSpeed's engine), ``ModelParallelStrategy`` with a
+    tensor-parallel size above 1 (parameters split along other dimensions, attention heads spread over
+    ranks). Accepted: ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` (FSDP2 data-parallel sharding
+    over ``DTensor``) when ``fsdp2`` is true, i.e. when the caller reduces shards through
+    :mod:`thetascope.functional.sharding`; with ``fsdp2=False`` it is refused too. A per-rank number there
+    would be the norm of a shard, reported as if it were the parameter's: never silently.
     """
     strategy = trainer.strategy
     names = [cls.__name__ for cls in type(strategy).__mro__]
-    sharded = [n for n in names if n in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")]
-    if sharded:
+    local = (
+        f"each rank holds only a shard of every {what}, and a norm computed from it would be the norm of a "
+        "shard, not of the full parameter"
+    )
+    if "DeepSpeedStrategy" in names:
         raise RuntimeError(
-            f"{owner} does not support {sharded[0]}: parameters are sharded across ranks, so each rank "
-            f"sees only a shard of every {what} and the norms it could report would be norms of shards, not "
-            "of the full "
-            "parameters. Use DDP (strategy='ddp'), or remove the callback for sharded runs."
+            f"{owner} does not support DeepSpeedStrategy: ZeRO partitions flattened parameter and gradient "
+            f"buffers inside the DeepSpeed engine, so {local}. {FSDP2_ADVICE}, or use strategy='ddp'."
         )
+    if "FSDPStrategy" in names:
+        raise RuntimeError(
+            f"{owner} does not support FSDPStrategy (FSDP1): it flattens each wrapped module's parameters "
+            "into one FlatParameter and shards that flat vector, so outside the forward a rank holds 1-D "
+            "fragments that are neither whole parameters nor rows of them; per-layer gradient norms and "
+            "spectral norms of the attention projections cannot be formed from them without gathering. "
+            f"{FSDP2_ADVICE}: FSDP2 keeps every parameter a row-sharded DTensor, which thetascope reduces "
+            "exactly."
+        )
+    if "ModelParallelStrategy" in names:
+        tp = _tensor_parallel_size(strategy)
+        if tp > 1:
+            raise RuntimeError(
+                f"{owner} does not support tensor parallelism (ModelParallelStrategy with "
+                f"tensor_parallel_size={tp}): parameters are split along their input or output dimension "
+                "and attention heads live on different ranks, so per-head attention statistics and spectral "
+                f"norms would be those of slices. {FSDP2_ADVICE}."
+            )
+        if not fsdp2:
+            raise RuntimeError(
+                f"{owner} does not support ModelParallelStrategy: {local}, and this callback does not reduce "
+                "shards. Use strategy='ddp', or remove the callback for sharded runs."
+            )
 
 
 def trainer_all_gather(trainer: pl.Trainer) -> AllGather:

@@ -145,7 +145,7 @@ class AttentionSensitivityMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded(trainer, type(self).__name__, "projection weight")
+        refuse_sharded(trainer, type(self).__name__, "projection weight", fsdp2=True)
         n_layers = -1
         if self.guard.active("probe"):
             try:  # on every fit: shared_probe rebuilds the probe when attention modules were added or removed
@@ -265,6 +265,8 @@ class AttentionSensitivityMonitor(Callback):
 
     def architecture_card(self) -> dict[str, Any]:
         """Depth, norm placement, path length m, the recommended ``N^(-1/m)`` scale and residual scaling."""
+        if self.core is not None:  # the core knows how to read a sharded model
+            return self.core.architecture_card()
         from thetascope.capture.introspect import architecture_card
 
         return architecture_card(self.probe)

@@ -148,13 +148,18 @@ class GradientFlowMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded(trainer, type(self).__name__, "gradient")
+        refuse_sharded(trainer, type(self).__name__, "gradient", fsdp2=True)
         self.core.rank = trainer.global_rank
         self.core.bind(pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.diagnosis = fit_end_diagnosis(trainer, self.prefix)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # configure_model (FSDP2's fully_shard) runs after setup and replaces every parameter by a DTensor
+        self.core.bind(pl_module)
 
     @override
     def on_before_optimizer_step(

@@ -36,6 +36,7 @@ from thetascope.functional.theta_stats import (
 from thetascope.keys import ATTENTION_LAYER_FIELDS, DEFAULT_PREFIX, TEMPERATURE_FIELD, layer_key
 from thetascope.monitors._collective import AllGather, PackedValues, local_all_gather, reduce_packed
 from thetascope.monitors._guard import FailureGuard
+from thetascope.monitors._sharded import ShardedProjections, model_shard_group
 
 if TYPE_CHECKING:
     from thetascope.capture.probe import AttentionProbe
@@ -197,6 +198,8 @@ class AttentionMonitor:
         self.strict: bool = args["strict"]
         self.guard = guard if guard is not None else FailureGuard(type(self).__name__, self.strict)
         self.model = model
+        # FSDP2: row shards of the projections, taken in the measured forward (see monitors/_sharded.py)
+        self._sharded: ShardedProjections | None = None
         self.estimator = (
             SpectralNormEstimator()
             if self.power_iters is None
@@ -222,6 +225,13 @@ class AttentionMonitor:
                 stack.enter_context(torch.compiler.set_stance("force_eager"))
             self._captures_before = {id(r): r.n_captures for r in self.probe.layers}
             stack.enter_context(self.probe.capture())
+            sg = model_shard_group(self.model)
+            if sg is None:
+                self._sharded = None
+            else:
+                if self._sharded is None or self._sharded.sg != sg:
+                    self._sharded = ShardedProjections(sg)
+                stack.enter_context(self._sharded.capture(self._named_layers()))
         except Exception as err:
             stack.close()
             self.guard.fail("capture", err, _rank())
@@ -234,8 +244,21 @@ class AttentionMonitor:
     def _device(self) -> torch.device:
         return next((p.device for p in self.probe.model.parameters()), torch.device("cpu"))
 
+    def _named_layers(self) -> list[tuple[str, LayerRecord]]:
+        """``(name, record)`` of the layers still measured (the same on every rank: disabling is agreed)."""
+        return [(layer_name(r), r) for r in self.probe.layers if self.guard.active(layer_name(r))]
+
     def _spectral(self) -> dict[str, Tensor]:
         """All projection norms of all layers in ONE estimator call (a batched power iteration per shape)."""
+        if self._sharded is not None:
+            # FSDP2: this rank's rows of every matrix; one all-reduce of right vectors per step and shape
+            # group. A layer whose rows this rank could not take joins with zero rows (the collectives stay
+            # aligned); its failure is agreed at the reduction and its values of this step are dropped.
+            names = [name for name, _ in self._named_layers()]
+            for name, err in self._sharded.errors.items():
+                self.guard.fail(name, err, _rank())
+            shards = self._sharded.mats(names)
+            return self.estimator(shards, all_reduce=self._sharded.all_reduce) if shards else {}
         mats: dict[str, Tensor] = {}
         for rec in self.probe.layers:
             name = layer_name(rec)
@@ -321,6 +344,12 @@ class AttentionMonitor:
 
         Pass them to :meth:`reduce` on every rank (each rank's dict has the same keys and shapes).
         """
+        if self._sharded is not None:  # no DTensor reads outside the forward (see weights_from_meta)
+            with self._sharded.weights_from_meta(self._named_layers()):
+                return self._measure()
+        return self._measure()
+
+    def _measure(self) -> dict[str, Tensor]:
         rank = _rank()
         device = self._device()
         nan = torch.tensor(math.nan, device=device)
@@ -484,6 +513,9 @@ class AttentionMonitor:
 
     def architecture_card(self) -> dict[str, Any]:
         """Depth, norm placement, path length m, the recommended ``N^(-1/m)`` scale and residual scaling."""
+        if self._sharded is not None:  # FSDP2: shapes and W_Q/W_K sharing as read in the measured forward
+            with self._sharded.weights_from_meta(self._named_layers()):
+                return architecture_card(self.probe)
         return architecture_card(self.probe)
 
     # ------------------------------------------------------------------------------------------ state

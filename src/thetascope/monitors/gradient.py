@@ -180,7 +180,8 @@ class GradientFlowCore:
         from thetascope.functional.gradients import global_grad_norm
 
         try:
-            norm = global_grad_norm(self._groups(optimizer)[3])
+            params = self._groups(optimizer)[3]
+            norm = _sharded_global_norm(params) if _sharded(params) else global_grad_norm(params)
         except Exception as err:
             self.guard.fail("grad_norms", err, self.rank)
             return
@@ -219,7 +220,13 @@ class GradientFlowCore:
         grad_sq, global_sq = torch.full((n,), math.nan, device=device), nan
         if self.guard.active("grad_norms"):
             try:
-                per_sq, global_sq, _ = grad_sq_norms_by_group(groups, other=other)
+                if _sharded(params):
+                    # FSDP2: sums of squares of the local shards, weighted so that the sum over all ranks
+                    # (the reduction below, with op "sum") counts every full parameter once
+                    per_sq, global_sq = _sharded_sq_norms(groups, other)
+                    self.replicated = False
+                else:
+                    per_sq, global_sq, _ = grad_sq_norms_by_group(groups, other=other)
                 if ids:
                     grad_sq = grad_sq.index_copy(0, torch.tensor(ids, device=device), per_sq.to(device))
             except Exception as err:
@@ -325,6 +332,47 @@ class GradientFlowCore:
         """Fresh detectors and counters (after an unreadable checkpoint)."""
         self.grad_detector, self.loss_detector = self._new_detector(), self._new_detector()
         self._grad_mark = self._loss_mark = 0
+
+
+def _sharded(params: list[Tensor]) -> bool:
+    """Whether ``params`` are FSDP2 / DTensor parameters (their gradients are shards)."""
+    from thetascope.functional.sharding import is_dtensor
+
+    return any(is_dtensor(p) for p in params)
+
+
+def _sharded_sq_norms(groups: list[list[Tensor]], other: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(per-layer [L], total [])`` of this rank's world-weighted local sums of squares; no collective."""
+    import torch.distributed as dist
+
+    from thetascope.functional.sharding import local_sums_of_squares
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    grads = [[p.grad.detach() for p in g if p.grad is not None] for g in [*groups, other]]
+    sq = local_sums_of_squares(grads, world=world)
+    return sq[:-1], sq.sum()
+
+
+def _sharded_global_norm(params: list[Tensor]) -> Tensor | None:
+    """The full gradients' global norm, the same on every rank: ONE scalar all-reduce over the shard group.
+
+    The only per-step collective of the monitors, and only under FSDP2: it makes the spike detector see the
+    norm of the full gradient (as under DDP), so every rank flags the same spikes and stops at the same step.
+    """
+    from thetascope.functional.sharding import local_sums_of_squares, shard_all_reduce, shard_group
+
+    sg = shard_group(params)
+    failure: Exception | None = None
+    grads: list[Tensor] = []
+    try:
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        local = local_sums_of_squares([grads], sg)
+    except Exception as err:  # still join the all-reduce: a rank that skipped it would hang the others
+        failure, local = err, torch.full((1,), math.nan)
+    total = shard_all_reduce(sg)(local)
+    if failure is not None:
+        raise failure
+    return total[0].sqrt() if grads else None
 
 
 def _default_rank() -> int:
