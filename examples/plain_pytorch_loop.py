@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from thetascope.demo.model import GPT, GPTConfig
-from thetascope.keys import DEFAULT_PREFIX, TEMPERATURE
+from thetascope.keys import DEFAULT_PREFIX, TEMPERATURE_FIELD
 from thetascope.monitors import GradientFlowCore, TemperatureController
 from thetascope.monitors._collective import AllGather, local_all_gather
 from thetascope.schedules import TemperatureSchedule
@@ -77,21 +77,22 @@ def train(
         measuring = step % every == 0
         with attention.capture() if attention is not None and measuring else contextlib.nullcontext():
             loss = F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
-        attention_values = attention.measure() if attention is not None and measuring else None
+        values: dict[str, float] = {}
+        if measuring and attention is not None:
+            # right after the captured forward, before the backward (as the callback does)
+            values |= attention.reduce(attention.measure(), all_gather)
         backward(loss)
         # (unscale AMP gradients here) -> observe -> (clip here): the norms are those of the true gradients
         gradients.observe_step(optimizer)
         if measuring:
-            values = gradients.reduce(gradients.measure(optimizer), all_gather)
-            if attention is not None and attention_values is not None:
-                values |= attention.reduce(attention_values, all_gather)
-            values[DEFAULT_PREFIX + TEMPERATURE] = tau
+            values |= gradients.reduce(gradients.measure(optimizer), all_gather)
+            values.setdefault(DEFAULT_PREFIX + TEMPERATURE_FIELD, tau)
             logged[step] = values
             if gradients.spike_detected:
                 print(f"step {step}: gradient-norm or loss spike since the previous measurement")
         optimizer.step()
         optimizer.zero_grad()
-        # after the step, as the callback does from on_train_batch_end: a measurement counts earlier losses
+        # after the step, as the callback does at the end of the batch: a measurement counts earlier losses
         gradients.observe_loss(loss.detach())
     temperature.remove()
     return logged
@@ -104,7 +105,7 @@ def show(logged: dict[int, dict[str, float]]) -> None:
         print(
             f"step {step:4d}  theta_max {values.get(p + 'theta_max', float('nan')):.4f}  "
             f"grad_norm_global {values.get(p + 'grad_norm_global', float('nan')):.4f}  "
-            f"temperature {values[p + TEMPERATURE]:.3f}"
+            f"temperature {values[p + TEMPERATURE_FIELD]:.3f}"
         )
     last = max(logged)
     print(f"all values logged at step {last}:")

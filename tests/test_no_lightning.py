@@ -18,10 +18,11 @@ class _NoLightning:
 
 sys.meta_path.insert(0, _NoLightning())
 import thetascope
-for mod in ("functional", "metrics", "capture", "monitors", "schedules", "keys", "monitors.gradient",
-            "monitors.temperature", "monitors._collective", "monitors._guard", "_validation"):
+for mod in ("functional", "metrics", "capture", "monitors", "schedules", "keys", "_validation",
+            "monitors.gradient", "monitors.temperature", "monitors.attention", "capture.introspect"):
     __import__("thetascope." + mod)
-from thetascope import GradientFlowCore, SpikeDetector, TemperatureController, TemperatureSchedule
+from thetascope import AttentionMonitor, AttentionProbe, GradientFlowCore, SpikeDetector
+from thetascope import GradientFlow, TemperatureController, TemperatureSchedule, register_adapter
 from thetascope.monitors import GradientFlowCore as G2
 assert G2 is GradientFlowCore
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning"))

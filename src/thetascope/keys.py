@@ -146,8 +146,6 @@ GRAD_NONFINITE = "grad/nonfinite"
 SPIKE_FIELDS: tuple[str, ...] = (GRAD_SPIKE, GRAD_SPIKE_COUNT, LOSS_SPIKE_COUNT, GRAD_NONFINITE)
 #: Image key of the layer x step heatmap of the per-layer gradient norms.
 GRAD_NORM_HEATMAP = "grad_norm/heatmap"
-#: The attention temperature applied at a step.
-TEMPERATURE = "temperature"
 
 __all__ += [
     "GRADIENT_LAYER_FIELDS",
@@ -161,7 +159,6 @@ __all__ += [
     "PATHOLOGY_FIELDS",
     "PATHOLOGY_GROUP",
     "SPIKE_FIELDS",
-    "TEMPERATURE",
 ]
 
 

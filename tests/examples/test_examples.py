@@ -21,8 +21,8 @@ from thetascope.callbacks import GradientFlowMonitor, TemperatureWarmup
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STEPS, EVERY, SEED = 12, 4, 0
-#: set once the attention core is merged: the attention keys are then compared too
-ATTENTION = False
+#: the attention keys are compared too
+ATTENTION = True
 
 
 def _load(name: str) -> ModuleType:

@@ -131,7 +131,7 @@ class TemperatureWarmup(Callback):
         every = max(int(getattr(trainer, "log_every_n_steps", 1) or 0), 0)
         if (every and step % every == 0) or step == self.schedule.warmup_steps:
             self._last_logged_step = step
-            key = self.prefix + keys.TEMPERATURE
+            key = self.prefix + keys.TEMPERATURE_FIELD
             log_to_loggers(trainer, {key: tau}, step)
             publish_callback_metrics(trainer, {key: tau})
 
