@@ -77,11 +77,13 @@ __all__ = [
     "adapter_for",
     "register_adapter",
     "registered_adapters",
+    "gather_rows",
     "sdpa_sampled_logits",
     "unregister_adapter",
 ]
 
 _REGISTRY: list[type[AttentionAdapter]] = []
+_ROUTES = ("sdpa", "softmax", "mha", "interface")
 
 # The softmax entry points a TorchFunctionMode can see (F.softmax is observed before it calls Tensor.softmax;
 # calls made inside a handler are not observed again).
@@ -113,8 +115,17 @@ class CallContext(Protocol):
         """Whether tau != 1."""
         ...
 
+    @property
+    def inv_tau_float(self) -> float:
+        """``1/tau`` as a Python float (for kernel arguments that must be numbers, e.g. a soft-cap)."""
+        ...
+
     def inv_tau_on(self, device: torch.device) -> Tensor:
         """``inv_tau`` on ``device`` (one tensor per device, updated in place)."""
+        ...
+
+    def fail(self, err: Exception) -> None:
+        """Report a failed measurement of this layer (raises under ``strict``, else warns once, disables)."""
         ...
 
     def select(self, batch: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -246,8 +257,8 @@ def register_adapter(cls: type[AttentionAdapter]) -> type[AttentionAdapter]:
     """
     if not (isinstance(cls, type) and issubclass(cls, AttentionAdapter)):
         raise TypeError(f"register_adapter expects an AttentionAdapter subclass, got {cls!r}")
-    if cls.route not in ("sdpa", "softmax", "mha"):
-        raise ValueError(f"{cls.__name__}.route must be 'sdpa', 'softmax' or 'mha', got {cls.route!r}")
+    if cls.route not in _ROUTES:
+        raise ValueError(f"{cls.__name__}.route must be one of {_ROUTES}, got {cls.route!r}")
     if cls in _REGISTRY:
         _REGISTRY.remove(cls)
     _REGISTRY.append(cls)
@@ -290,7 +301,7 @@ def _softmax_is_attention(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool
     return isinstance(dim, int) and dim in (-1, 3)
 
 
-def _gather_rows(x: Tensor, bi: Tensor, hi: Tensor, pos: Tensor) -> Tensor:
+def gather_rows(x: Tensor, bi: Tensor, hi: Tensor, pos: Tensor) -> Tensor:
     """``x[bi][:, hi]`` then rows ``pos`` ``[B', H', R]`` along dim 2 -> ``[B', H', R, x.shape[-1]]``.
 
     ``x`` may be broadcast along dims 0/1 (size 1); dim 2 must be the full query length.
@@ -339,7 +350,7 @@ def sdpa_sampled_logits(
     rep = max(n_heads // k.shape[1], 1)
     bi, hi = ctx.select(bsz, n_heads, q.device)
     pos = ctx.sample_rows(bsz, n_heads, q_len, q.device)
-    qr = _gather_rows(q.detach(), bi, hi, pos).float()
+    qr = gather_rows(q.detach(), bi, hi, pos).float()
     kk = k.detach().index_select(0, bi if k.shape[0] != 1 else torch.zeros_like(bi))
     kk = kk.index_select(1, hi // rep).float()
     s = (1.0 / math.sqrt(e)) if scale is None else float(scale)
@@ -349,7 +360,7 @@ def sdpa_sampled_logits(
         while m.dim() < 4:
             m = m.unsqueeze(0)
         m = m.expand(m.shape[0], m.shape[1], q_len, k_len) if m.shape[2] == 1 else m
-        mr = _gather_rows(m, bi, hi, pos)
+        mr = gather_rows(m, bi, hi, pos)
         logits = logits.masked_fill(~mr, float("-inf")) if mr.dtype == torch.bool else logits + mr.float()
     if is_causal:
         keys = torch.arange(k_len, device=q.device)
@@ -398,7 +409,7 @@ def _handle_softmax(
         bsz, n_heads, q_len, _ = x.shape
         bi, hi = ctx.select(bsz, n_heads, x.device)
         pos = ctx.sample_rows(bsz, n_heads, q_len, x.device)
-        rows = _gather_rows(x.detach(), bi, hi, pos).float()
+        rows = gather_rows(x.detach(), bi, hi, pos).float()
         if x.dtype.is_floating_point:
             # HF eager masks with finfo(dtype).min instead of -inf: treat such entries as masked.
             rows = rows.masked_fill(rows <= torch.finfo(x.dtype).min / 2, float("-inf"))
