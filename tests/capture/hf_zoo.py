@@ -97,7 +97,9 @@ ARCHS: dict[str, Arch] = {
             ("c_attn.T[0:32]", "c_attn.T[32:64]", "c_attn.T[64:96]", "c_proj.T"),
         ),
         Arch("llama", _dec("LlamaConfig", "LlamaModel"), "decoder", _SEP, n_kv_heads=2),
-        Arch("mistral", _dec("MistralConfig", "MistralModel", sliding_window=4), "decoder", _SEP, n_kv_heads=2),
+        Arch(
+            "mistral", _dec("MistralConfig", "MistralModel", sliding_window=4), "decoder", _SEP, n_kv_heads=2
+        ),
         Arch(
             "mixtral",
             _dec("MixtralConfig", "MixtralModel", num_local_experts=2, num_experts_per_tok=1),
@@ -150,13 +152,24 @@ ARCHS: dict[str, Arch] = {
         Arch(
             "distilbert",
             _plain(
-                "DistilBertConfig", "DistilBertModel", dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=V
+                "DistilBertConfig",
+                "DistilBertModel",
+                dim=32,
+                n_layers=2,
+                n_heads=4,
+                hidden_dim=64,
+                vocab_size=V,
             ),
             "encoder",
             ("q_lin", "k_lin", "v_lin", "out_lin"),
             gain=30.0,
         ),
-        Arch("bart", _plain("BartConfig", "BartModel", **_BART), "seq2seq", ("q_proj", "k_proj", "v_proj", "out_proj")),
+        Arch(
+            "bart",
+            _plain("BartConfig", "BartModel", **_BART),
+            "seq2seq",
+            ("q_proj", "k_proj", "v_proj", "out_proj"),
+        ),
         Arch(
             "t5",
             _plain(
@@ -244,7 +257,13 @@ ARCHS: dict[str, Arch] = {
         Arch(
             "gpt_bigcode",
             _plain(
-                "GPTBigCodeConfig", "GPTBigCodeModel", n_layer=2, n_embd=32, n_head=4, vocab_size=V, multi_query=True
+                "GPTBigCodeConfig",
+                "GPTBigCodeModel",
+                n_layer=2,
+                n_embd=32,
+                n_head=4,
+                vocab_size=V,
+                multi_query=True,
             ),
             "decoder",
             ("c_attn[0:32]", "c_attn[32:40]", "c_attn[40:48]", "c_proj"),
@@ -293,7 +312,7 @@ EXTRA = ["gpt_neox", "opt", "phi", "gpt_bigcode", "modernbert", "clip_text"]
 
 
 def build(arch: Arch, impl: str | None, seed: int = 0) -> nn.Module:
-    """The model in eval mode; 2-D non-embedding weights scaled by ``gain`` so rows are peaked as well as flat."""
+    """The model in eval mode; 2-D non-embedding weights scaled by ``gain`` (rows peaked as well as flat)."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -202,8 +202,8 @@ def test_norm_placement_and_residual(family: str, placement: str) -> None:
 
 
 def test_a_kernel_registered_in_the_attention_interface_is_measured() -> None:
-    """A user kernel registered with transformers' AttentionInterface receives q and k: the generic route reads
-    the rows from its arguments, whatever the kernel computes."""
+    """A user kernel registered with transformers' AttentionInterface receives q and k: the generic route
+    reads the rows from its arguments, whatever the kernel computes."""
     model = _build("gpt2", "sdpa")
     probe = AttentionProbe(model, rows_per_head=2)
     model.config._attn_implementation = "thetascope_test_kernel"

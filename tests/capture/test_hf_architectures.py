@@ -1,6 +1,8 @@
-"""The generic Hugging Face route on every architecture of the acceptance list (and a few more), against the
-models' own eager attention: probabilities (``output_attentions=True``), pre-softmax logits, projections and the
-temperature."""
+"""The generic Hugging Face route on every architecture of the acceptance list (and a few more).
+
+Each is checked against the model's own eager attention: probabilities (``output_attentions=True``),
+pre-softmax logits, projections and the temperature.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from thetascope.functional.theta import balanced_mass_factor
 
 pytest.importorskip("transformers")
 
-from tests.capture import hf_zoo as Z  # noqa: E402
+from tests.capture import hf_zoo as Z
 
 ALL = Z.ACCEPTANCE + Z.EXTRA
 
@@ -73,7 +75,7 @@ def _pair(arch: Z.Arch, impl: str | None) -> tuple[nn.Module, nn.Module]:
 
 
 def _rows(x: Tensor, rec: Any) -> Tensor:
-    """Rows ``[B', H', R, Lk]`` of a ``[B, H, Lq, Lk]`` tensor at the record's sampled items/heads/positions."""
+    """Rows ``[B', H', R, Lk]`` of a ``[B, H, Lq, Lk]`` tensor at the record's sampled items/heads/rows."""
     x = x.index_select(0, rec.batch_index).index_select(1, rec.head_index)
     return x.gather(2, rec.query_positions.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
@@ -91,7 +93,8 @@ def _check_against_eager(arch: Z.Arch, model: nn.Module, ref: nn.Module, probe: 
         (s, i) for s, a in atts.items() for i in range(len(a))
     )
     for rec in probe.layers:
-        assert rec.theta is not None and rec.max_logit is not None
+        assert rec.theta is not None
+        assert rec.max_logit is not None
         assert rec.attention == ("cross" if rec.stack == "decoder_cross" else "self")
         a = atts[rec.stack][rec.index]
         want = balanced_mass_factor(_rows(a, rec).double(), validate=False)
@@ -99,7 +102,9 @@ def _check_against_eager(arch: Z.Arch, model: nn.Module, ref: nn.Module, probe: 
         # Every row is measured except padded queries that see no key at all (causal or local windows).
         if mask is not None and rec.stack in (None, "encoder"):
             q_pad = ~mask.bool().index_select(0, rec.batch_index)
-            maybe_nan = q_pad[:, None, :].expand(-1, rec.head_index.numel(), -1).gather(2, rec.query_positions)
+            maybe_nan = (
+                q_pad[:, None, :].expand(-1, rec.head_index.numel(), -1).gather(2, rec.query_positions)
+            )
             assert bool(finite[~maybe_nan].all())
             if arch.kind == "decoder":
                 assert torch.equal(~finite, maybe_nan)
@@ -166,18 +171,22 @@ def _check_projections(arch: Z.Arch, model: nn.Module) -> None:
         kv = 4 if rec.stack is not None else arch.n_kv_heads
         assert (w.n_heads, w.n_kv_heads, w.head_dim) == (4, kv, 8)
         g_want = torch.stack([torch.linalg.svdvals(m.double())[0] for m in expect]).prod()
-        g_got = torch.stack([torch.linalg.matrix_norm(m.double(), ord=2) for m in (w.w_q, w.w_k, w.w_v, w.w_o)])
+        g_got = torch.stack(
+            [torch.linalg.matrix_norm(m.double(), ord=2) for m in (w.w_q, w.w_k, w.w_v, w.w_o)]
+        )
         torch.testing.assert_close(g_got.prod(), g_want)
 
 
 def _outputs(out: Any) -> list[Tensor]:
-    return [t for t in (getattr(out, "last_hidden_state", None), getattr(out, "encoder_last_hidden_state", None))
+    return [t for t in (getattr(out, "last_hidden_state", None), getattr(out, "encoder_last_hidden_state",
+    None))
             if isinstance(t, Tensor)]  # fmt: skip
 
 
 def _check_temperature(arch: Z.Arch, model: nn.Module, ref: nn.Module, probe: AttentionProbe) -> None:
     """Outputs with ``probe.set_temperature(tau)`` equal the eager model whose softmax inputs the test divides
-    by tau itself (an independent route); at tau == 1, captured or not, the output is bitwise the model's own."""
+    by tau itself (an independent route); at tau == 1, captured or not, the output is bitwise the model's own.
+    """
     x, mask = Z.inputs(arch, padded=True)
     with torch.no_grad():
         plain = _outputs(model(**x))
@@ -189,7 +198,8 @@ def _check_temperature(arch: Z.Arch, model: nn.Module, ref: nn.Module, probe: At
         back = _outputs(model(**x))
     assert not probe.is_installed
     for a, b, c in zip(plain, captured, back, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)  # tau == 1: bitwise the model without a probe
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
     with _eager_reference(ref, [r.name for r in probe.layers], tau=2.5):
         want = _outputs(ref(**x))
     for got, w, p in zip(hot, want, plain, strict=True):
@@ -200,7 +210,8 @@ def _check_temperature(arch: Z.Arch, model: nn.Module, ref: nn.Module, probe: At
 
 
 class _CustomKernelAttention(nn.Module):
-    """nanoGPT-like attention whose kernel (standing in for a custom CUDA op) the probe cannot see; its forward
+    """nanoGPT-like attention whose kernel (standing in for a custom CUDA op) the probe cannot see; its
+    forward
     names scaled_dot_product_attention only in this docstring-like comment so that the adapter matches."""
 
     def __init__(self, d: int = 16, n_head: int = 2) -> None:
@@ -226,8 +237,11 @@ def test_unobservable_kernel_gets_one_warning_with_the_remedy() -> None:
                 model(torch.randn(2, 5, 16))
         msgs = [str(w.message) for w in caught if "no attention kernel" in str(w.message)]
         if _ == 0:
-            assert len(msgs) == 1 and "0 (" in msgs[0] and "1 (" in msgs[0]
-            assert "attn_implementation='sdpa'" in msgs[0] and "register_adapter" in msgs[0]
+            assert len(msgs) == 1
+            assert "0 (" in msgs[0]
+            assert "1 (" in msgs[0]
+            assert "attn_implementation='sdpa'" in msgs[0]
+            assert "register_adapter" in msgs[0]
         else:
             assert msgs == []  # said once
     assert probe.layers[0].theta is None
@@ -249,7 +263,10 @@ def test_several_kernel_calls_in_one_module_are_all_recorded() -> None:
     with torch.no_grad(), probe.capture():
         model(**x)
     rec0, rec1 = probe.layers
-    assert rec0.n_kernel_calls == 2 and rec1.n_kernel_calls == 1
-    assert rec0.theta is not None and rec1.theta is not None
-    assert rec0.theta.upper.shape == (Z.B, 4, 6) and rec1.theta.upper.shape == (Z.B, 4, 3)
+    assert rec0.n_kernel_calls == 2
+    assert rec1.n_kernel_calls == 1
+    assert rec0.theta is not None
+    assert rec1.theta is not None
+    assert rec0.theta.upper.shape == (Z.B, 4, 6)
+    assert rec1.theta.upper.shape == (Z.B, 4, 3)
     assert rec0.n_captures == 1

@@ -75,9 +75,9 @@ __all__ = [
     "CallContext",
     "DualRouteAdapter",
     "adapter_for",
+    "gather_rows",
     "register_adapter",
     "registered_adapters",
-    "gather_rows",
     "sdpa_sampled_logits",
     "unregister_adapter",
 ]
@@ -100,10 +100,12 @@ class CallContext(Protocol):
         inv_tau: 0-dim tensor ``1/tau`` on the kernel's device (exactly 1.0 when tau == 1).
         apply_temperature: False when tau == 1 (the kernel must then run unchanged, bitwise).
         recording: True inside ``probe.capture()``: the adapter should call :meth:`record_logits`.
+        done: set once the module's kernel call was seen in the running forward.
     """
 
     layer: LayerRecord
     recording: bool
+    done: bool
 
     @property
     def inv_tau(self) -> Tensor:
@@ -182,6 +184,16 @@ class AttentionAdapter:
     @property
     def norm_placement(self) -> str | None:
         """``"pre"``/``"post"``/``"none"`` when the adapter knows it; ``None`` lets the probe infer it."""
+        return None
+
+    @property
+    def has_projections(self) -> bool:
+        """Whether :meth:`projection_weights` can give the matrices (False: G_l, S_l, the bound unknown)."""
+        return True
+
+    @property
+    def missing_projections_reason(self) -> str | None:
+        """Why the projections were not found (``None`` when they were)."""
         return None
 
     def attention_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:

@@ -1,17 +1,17 @@
 """The generic Hugging Face route: any transformers attention module that calls the attention interface.
 
-transformers 5.x attention modules hand their post-RoPE query ``[B, H, Lq, d]``, key ``[B, H_kv, Lk, d]``, value,
-mask, ``scaling`` and extras (``softcap``, ``position_bias``, ``sliding_window``, ``is_causal``, ``s_aux``) to one
-function, looked up at call time: the modeling file's own ``eager_attention_forward`` or an entry of
-``ALL_ATTENTION_FUNCTIONS`` (``sdpa``, ``flex_attention``, ``flash_attention_*``, user-registered kernels). While a
-probe's hooks are installed, the probe replaces those two names in the globals of each found module's ``forward``
-by thin wrappers; a wrapper that receives a module with an active probe context records the sampled rows from
-the arguments and applies the temperature, and otherwise calls the kernel untouched. No per-family adapter is
-needed, head counts and GQA come from the tensors the kernel receives, and every kernel call a module makes is
-seen. The globals are restored when the last probe removes its hooks.
+transformers 5.x attention modules hand their post-RoPE query ``[B, H, Lq, d]``, key ``[B, H_kv, Lk, d]``,
+value, mask, ``scaling`` and extras (``softcap``, ``position_bias``, ``sliding_window``, ``is_causal``,
+``s_aux``) to one function, looked up at call time: the modeling file's own ``eager_attention_forward`` or an
+entry of ``ALL_ATTENTION_FUNCTIONS`` (``sdpa``, ``flex_attention``, ``flash_attention_*``, user-registered
+kernels). While a probe's hooks are installed, the probe replaces those two names in the globals of each found
+module's ``forward`` by thin wrappers; a wrapper that receives a module with an active probe context records
+the sampled rows from the arguments and applies the temperature, and otherwise calls the kernel untouched. No
+per-family adapter is needed, head counts and GQA come from the tensors the kernel receives, and every kernel
+call a module makes is seen. The globals are restored when the last probe removes its hooks.
 
-Nothing here imports transformers at module import time: modules are recognised by their class's module path and
-by what their ``forward`` refers to.
+Nothing here imports transformers at module import time: modules are recognised by their class's module path
+and by what their ``forward`` refers to.
 """
 
 from __future__ import annotations
@@ -44,8 +44,16 @@ def _forward_function(cls: type) -> Any:
     return inspect.unwrap(cls.forward)  # type: ignore[attr-defined]
 
 
-@functools.cache
+_REACHES: dict[type, bool] = {}
+
+
 def _class_reaches_interface(cls: type) -> bool:
+    if cls not in _REACHES:
+        _REACHES[cls] = _forward_reaches_interface(cls)
+    return _REACHES[cls]
+
+
+def _forward_reaches_interface(cls: type) -> bool:
     fn = _forward_function(cls)
     g = getattr(fn, "__globals__", {})
     if "ALL_ATTENTION_FUNCTIONS" not in g and "eager_attention_forward" not in g:
@@ -187,17 +195,16 @@ def _block_mask_allowed(mask: Any, bi: Tensor, hi: Tensor, pos: Tensor, k_len: i
     return torch.as_tensor(allowed, device=pos.device).to(torch.bool).expand(shape)
 
 
-def interface_sampled_logits(
-    impl: str, bound: Mapping[str, Any], ctx: CallContext
-) -> tuple[Tensor, Tensor]:
+def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallContext) -> tuple[Tensor, Tensor]:
     """Logits ``[B', H', R, Lk]`` (float32) of the sampled query rows as the kernel ``impl`` forms them.
 
-    Follows the transformers kernels: ``scaling`` (``None`` means ``d ** -0.5``), ``softcap`` (``c tanh(x / c)``,
-    before any mask or bias), ``position_bias`` (T5-style additive bias), additive float masks (``finfo.min``
-    entries count as masked), boolean masks (True = attend), flex ``BlockMask`` (its ``mask_mod`` evaluated on
-    the sampled rows), sdpa's implicit causal mask (``mask=None``, top-left aligned) and the flash kernels'
-    bottom-right causal mask, padding mask ``[B, Lk]`` and ``sliding_window``. GQA: query head ``h`` reads key
-    head ``h // (H / H_kv)``. The temperature multiplies everything but the mask (masks are 0 or -inf).
+    Follows the transformers kernels: ``scaling`` (``None`` means ``d ** -0.5``), ``softcap`` (``c tanh(x /
+    c)``, before any mask or bias), ``position_bias`` (T5-style additive bias), additive float masks
+    (``finfo.min`` entries count as masked), boolean masks (True = attend), flex ``BlockMask`` (its
+    ``mask_mod`` evaluated on the sampled rows), sdpa's implicit causal mask (``mask=None``, top-left aligned)
+    and the flash kernels' bottom-right causal mask, padding mask ``[B, Lk]`` and ``sliding_window``. GQA:
+    query head ``h`` reads key head ``h // (H / H_kv)``. The temperature multiplies everything but the mask
+    (masks are 0 or -inf).
     """
     q, k = bound["query"], bound["key"]
     mask = bound.get("attention_mask")
@@ -282,8 +289,8 @@ class HFAttentionAdapter(AttentionAdapter):
     """Any transformers attention module whose ``forward`` calls the attention interface (kind ``"hf"``).
 
     Recognised by what its ``forward`` calls, not by family. Head counts are read from the module (or its
-    ``config``) at discovery and replaced by what the kernel receives on the first call. Projection weights are
-    found generically (:class:`~thetascope.capture.projections.ProjectionFinder`); where they are not,
+    ``config``) at discovery and replaced by what the kernel receives on the first call. Projection weights
+    are found generically (:class:`~thetascope.capture.projections.ProjectionFinder`); where they are not,
     :attr:`has_projections` is False and :meth:`projection_weights` raises ``LookupError`` naming the reason.
     """
 

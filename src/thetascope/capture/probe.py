@@ -347,10 +347,7 @@ class AttentionProbe:
             if block_name is not None:
                 self._blocks[block_name] = modules[block_name]
         self._assign_stacks(
-            [
-                (n, _is_cross(n, m, modules.get(n.rpartition(".")[0]) if n else None))
-                for n, m, _ in found
-            ]
+            [(n, _is_cross(n, m, modules.get(n.rpartition(".")[0]) if n else None)) for n, m, _ in found]
         )
         missing = [
             f"{r.name} ({r.adapter.missing_projections_reason})" for r in self.layers if not r.has_weights
@@ -432,7 +429,11 @@ class AttentionProbe:
         n_masked, n_nonfinite = masked.sum(), nonfinite.sum()
         if ctx.recorded_in == self._n_captures and rec.theta is not None:
             # A further kernel call of this module in the same capture: its rows join the earlier ones.
-            assert rec.entropy is not None and rec.max_logit is not None and rec.query_positions is not None
+            assert rec.entropy is not None
+            assert rec.max_logit is not None
+            assert rec.query_positions is not None
+            assert rec.n_masked_rows is not None
+            assert rec.n_nonfinite_rows is not None
             lower = _cat_rows(rec.theta.lower, lower)
             upper = _cat_rows(rec.theta.upper, upper)
             entropy = _cat_rows(rec.entropy, entropy)

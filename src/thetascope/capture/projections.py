@@ -1,11 +1,12 @@
 """Find an attention module's Q/K/V/O projection weights by the names models commonly give them.
 
-Separate projections (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``query``/``key``/``value``, ``q``/``k``/``v``/``o``,
-``q_lin``/``k_lin``/``v_lin``/``out_lin``, ``out_proj``, ``dense``, ``c_proj``), fused ones in ``[q | k | v]`` row blocks
-(``c_attn``, ``qkv_proj``, ``qkv``, ``Wqkv``, ``in_proj``; MQA/GQA blocks sized by the head counts) and in GPT-NeoX's
-per-head interleaved layout (``query_key_value``: rows ``[H, 3, d]``), as ``nn.Linear`` or GPT-2 ``Conv1D`` (stored
-``[in, out]``, transposed here). The output projection may live in the enclosing module (BERT and ViT keep it in
-``attention.output.dense``). Everything returned is a detached view of the live parameters, in Linear layout.
+Separate projections (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``query``/``key``/``value``,
+``q``/``k``/``v``/``o``, ``q_lin``/``k_lin``/``v_lin``/``out_lin``, ``out_proj``, ``dense``, ``c_proj``),
+fused ones in ``[q | k | v]`` row blocks (``c_attn``, ``qkv_proj``, ``qkv``, ``Wqkv``, ``in_proj``; MQA/GQA
+blocks sized by the head counts) and in GPT-NeoX's per-head interleaved layout (``query_key_value``: rows
+``[H, 3, d]``), as ``nn.Linear`` or GPT-2 ``Conv1D`` (stored ``[in, out]``, transposed here). The output
+projection may live in the enclosing module (BERT and ViT keep it in ``attention.output.dense``). Everything
+returned is a detached view of the live parameters, in Linear layout.
 
 Example:
     >>> from torch import nn
@@ -38,8 +39,9 @@ def linear_weight(module: object) -> Tensor | None:
     """Detached weight of ``module`` in Linear layout ``[out, in]`` (``nn.Linear`` or GPT-2 ``Conv1D``)."""
     if isinstance(module, nn.Linear):
         return module.weight.detach()
-    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor):
-        return module.weight.detach().t()  # type: ignore[union-attr]
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, Tensor):
+        return weight.detach().t()
     return None
 
 
@@ -81,7 +83,8 @@ class ProjectionFinder:
             return
         wq, wk = w[0], w[1]
         if self.layout == "separate":
-            assert wq is not None and wk is not None
+            assert wq is not None
+            assert wk is not None
             if head_dim is None and wq.shape[0] % n_heads == 0:
                 self.head_dim = wq.shape[0] // n_heads
             if self.head_dim and wk.shape[0] % self.head_dim == 0:
@@ -142,7 +145,7 @@ class ProjectionFinder:
             raise LookupError(f"projection weights of {type(self.module).__name__} not found: {self.reason}")
         dq, dkv = n_heads * head_dim, n_kv_heads * head_dim
         if self.layout == "separate":
-            w_q, w_k, w_v = raw  # type: ignore[misc]
+            w_q, w_k, w_v = raw
         elif self.layout == "fused":
             fused = raw[0]
             assert fused is not None
@@ -152,7 +155,9 @@ class ProjectionFinder:
             assert fused is not None
             per = fused.reshape(n_heads, 3, head_dim, fused.shape[-1])
             w_q, w_k, w_v = (per[:, i].reshape(dq, -1) for i in range(3))
-        assert w_q is not None and w_k is not None and w_v is not None
+        assert w_q is not None
+        assert w_k is not None
+        assert w_v is not None
         if w_q.shape[0] != dq or w_k.shape[0] != dkv or w_v.shape[0] != dkv or w_o.shape[-1] != dq:
             raise LookupError(
                 f"projection shapes of {type(self.module).__name__} do not fit {n_heads} heads of size "

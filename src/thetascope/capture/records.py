@@ -1,7 +1,7 @@
 """Plain data returned by the attention probe: projection weights and per-layer records.
 
-Weights use the ``nn.Linear`` layout ``[out_features, in_features]`` (``y = x @ W.T``); adapters transpose other
-layouts (GPT-2 ``Conv1D``) before building a :class:`ProjectionWeights`.
+Weights use the ``nn.Linear`` layout ``[out_features, in_features]`` (``y = x @ W.T``); adapters transpose
+other layouts (GPT-2 ``Conv1D``) before building a :class:`ProjectionWeights`.
 """
 
 from __future__ import annotations
