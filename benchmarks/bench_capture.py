@@ -107,7 +107,9 @@ def _run(attn: str, ids: torch.Tensor, rounds: int) -> None:
 class _EncoderLM(torch.nn.Module):
     """Causal LM on ``nn.TransformerEncoder`` (pre-LN), as a user writes it with torch only."""
 
-    def __init__(self, vocab: int = 512, d: int = 128, n_layers: int = 6, n_heads: int = 4, length: int = 128):
+    def __init__(
+        self, vocab: int = 512, d: int = 128, n_layers: int = 6, n_heads: int = 4, length: int = 128
+    ):
         super().__init__()
         self.emb = torch.nn.Embedding(vocab, d)
         self.pos = torch.nn.Parameter(torch.zeros(length, d))

@@ -1,8 +1,7 @@
 """Attention adapters: how the probe finds an attention module, reads its weights and observes its kernel.
 
 An adapter wraps one attention module. It says whether it :meth:`~AttentionAdapter.matches` a module, gives
-the
-head counts and :class:`~thetascope.capture.records.ProjectionWeights`, and names the *route* by which its
+the head counts and :class:`~thetascope.capture.records.ProjectionWeights`, and names the *route* by which its
 attention kernel is observed while the module's forward runs (through a ``TorchFunctionMode`` that is active
 only inside ``probe.capture()`` or while a temperature != 1 is set):
 
@@ -156,8 +155,7 @@ class AttentionAdapter:
     ``__init__``. Override :meth:`attention_input` when the module's attention input (the ``U`` of Thm 5.1) is
     not its first positional tensor argument or ``hidden_states``/``x``/``query`` keyword, and
     :attr:`norm_placement` when the adapter knows it (``"pre"``, ``"post"`` or ``"none"``); otherwise the
-    probe
-    infers it from the order in which normalisation modules run inside the enclosing block.
+    probe infers it from the order in which normalisation modules run inside the enclosing block.
     """
 
     kind: ClassVar[str] = "attention"
@@ -335,9 +333,8 @@ def sdpa_sampled_logits(
 ) -> tuple[Tensor, Tensor]:
     """Logits of the sampled query rows exactly as ``F.scaled_dot_product_attention`` would form them.
 
-    Handles ``scale=None`` (``1/sqrt(E)``), boolean (True = attend) and additive masks broadcastable to
-    ``[B, H, Lq, Lk]``, ``is_causal`` with torch's top-left alignment (query ``i`` sees keys ``j <= i`` even
-    when
+    Handles ``scale=None`` (``1/sqrt(E)``), boolean (True = attend) and additive masks broadcastable to ``[B,
+    H, Lq, Lk]``, ``is_causal`` with torch's top-left alignment (query ``i`` sees keys ``j <= i`` even when
     ``Lq != Lk``) and grouped-query attention (query head ``h`` reads key head ``h // (H // H_kv)``, as
     ``enable_gqa`` and HF ``repeat_kv`` do). Computed in float32, multiplied by ``ctx.inv_tau`` when a
     temperature is applied. Mask entries ``-inf`` stay ``-inf``.

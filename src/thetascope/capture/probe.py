@@ -4,12 +4,14 @@ Framework-free: works with plain PyTorch, Fabric or Lightning (the Lightning cal
 
 How it observes: while ``probe.capture()`` is open (or while a temperature != 1 is set), every found attention
 module carries a forward pre-hook and a forward hook. The pre-hook pushes a ``TorchFunctionMode`` that is
-active
-only while that module's forward runs; the mode hands the module's attention kernel call (chosen by its
-adapter's
-route) to the adapter, which records the sampled rows' logits and applies the temperature. The post-hook pops
-the mode. Outside ``capture()`` and at tau == 1 no hook is installed, so the model runs exactly as without a
-probe.
+active only while that module's forward runs; the mode hands the module's attention kernel call (chosen by its
+adapter's route) to the adapter, which records the sampled rows' logits and applies the temperature. The
+post-hook pops the mode. Outside ``capture()`` and at tau == 1 no hook is installed, so the model runs exactly
+as without a probe.
+
+HF modules (route ``"interface"``) need no mode: the names of the attention interface in their modeling file
+are wrapped while hooks are installed (see :mod:`thetascope.capture.hf`), and the wrapper hands each kernel
+call of a module with an active context to its adapter.
 """
 
 from __future__ import annotations
@@ -172,10 +174,11 @@ class AttentionProbe:
 
     Discovery walks the module tree in registration order (depth order for the usual block lists), tries the
     registered adapters by priority (:func:`thetascope.capture.adapters.register_adapter`) and does not
-    descend
-    into a matched module. Built-in adapters: HF transformers GPT-2, Llama-family (Llama, Mistral, Qwen2 ...),
-    BERT-family (BERT, RoBERTa ...) with ``eager`` and ``sdpa`` attention, nanoGPT-style modules calling
-    ``F.scaled_dot_product_attention``, and (when present) torch ``nn.MultiheadAttention`` and timm ViT.
+    descend into a matched module. Built-in adapters: every HF transformers attention module that calls the
+    attention interface (eager, sdpa, flex_attention, flash, registered kernels; see
+    :mod:`thetascope.capture.hf`), nanoGPT-style modules calling ``F.scaled_dot_product_attention``, torch
+    ``nn.MultiheadAttention`` and (when present) timm ViT. Encoder-decoder models get ``stack`` and
+    ``attention`` per layer and ``index`` within each stack.
 
     Args:
         model: the model (an ``nn.Module``; a ``torch.compile`` wrapper is unwrapped to ``_orig_mod``).
@@ -235,7 +238,8 @@ class AttentionProbe:
                 )
             heads = list(range(heads))  # type: ignore[arg-type]
         elif heads is not None:
-            if isinstance(heads, (str, bytes)) or not all(is_int(h) for h in heads):  # type: ignore[union-attr]
+            seq: Any = heads
+            if isinstance(seq, (str, bytes)) or not all(is_int(h) for h in seq):
                 raise ValueError(
                     f"heads must be a positive int, a sequence of head indices or None, got {heads!r}"
                 )
@@ -299,9 +303,9 @@ class AttentionProbe:
         if not found:
             raise ValueError(
                 f"AttentionProbe found no attention module in {type(self.model).__name__}. Searched module "
-                f"classes: {sorted(searched)}. Known kinds: HF GPT-2/Llama/BERT families, nanoGPT-style "
-                "modules "
-                "(c_attn/c_proj or q/k/v/o Linear + n_head calling F.scaled_dot_product_attention), "
+                f"classes: {sorted(searched)}. Known kinds: HF transformers modules calling the attention "
+                "interface, nanoGPT-style modules (c_attn/c_proj or q/k/v/o Linear + n_head calling "
+                "F.scaled_dot_product_attention), "
                 "nn.MultiheadAttention, timm ViT. For a custom module, subclass "
                 "thetascope.capture.AttentionAdapter and decorate it with @register_adapter."
             )
