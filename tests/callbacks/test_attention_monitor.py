@@ -22,6 +22,7 @@ from tests.callbacks._models import (
     trainer,
 )
 from thetascope.callbacks import AttentionSensitivityMonitor, TemperatureWarmup
+from thetascope.monitors.attention import AttentionMonitor
 
 PER_LAYER = (
     "theta_max",
@@ -187,16 +188,16 @@ def test_temperature_is_used_and_logged_once(tmp_path: Path) -> None:
     assert warm.probe is mon.probe  # one probe, one set of hooks
 
 
-def test_failure_in_one_layer_warns_once_and_keeps_others(tmp_path: Path) -> None:
+def test_failure_in_one_layer_warns_once_and_keeps_others(tmp_path: Path, monkeypatch: Any) -> None:
     mon = AttentionSensitivityMonitor(every_n_steps=1)
-    original = mon._layer_stats
+    original = AttentionMonitor._layer_stats
 
-    def flaky(rec: Any) -> dict[str, torch.Tensor]:
+    def flaky(self: AttentionMonitor, rec: Any) -> dict[str, torch.Tensor]:
         if rec.index == 1:
             raise RuntimeError("synthetic failure")
-        return original(rec)
+        return original(self, rec)
 
-    mon._layer_stats = flaky  # type: ignore[method-assign]
+    monkeypatch.setattr(AttentionMonitor, "_layer_stats", flaky)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(tmp_path, [mon], steps=3, logger=None).fit(LM("demo-pre"), token_data())
@@ -208,7 +209,6 @@ def test_failure_in_one_layer_warns_once_and_keeps_others(tmp_path: Path) -> Non
     assert all(math.isfinite(v) for v in mon.last_values.values())
 
     strict = AttentionSensitivityMonitor(every_n_steps=1, strict=True)
-    strict._layer_stats = flaky  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="synthetic failure"):
         trainer(tmp_path, [strict], steps=1, logger=None).fit(LM("demo-pre"), token_data())
 

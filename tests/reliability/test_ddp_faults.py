@@ -47,7 +47,9 @@ def _fit(rank: int, world_size: int, root: str, fault: str) -> dict[str, Any]:
     if rank == 1:
         if fault == "measurements":
             # a pre-collective measurement of each monitor, and the post-collective arithmetic of one
-            asm._spectral = _boom
+            from thetascope.monitors.attention import AttentionMonitor
+
+            AttentionMonitor._spectral = _boom  # type: ignore[method-assign]  # this worker process only
             gradients_mod.gradient_pathology = _boom
             sensitivity_mod.sensitivity_proxy = _boom
         elif fault == "probe":

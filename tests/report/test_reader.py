@@ -141,3 +141,33 @@ def test_report_package_imports_neither_lightning_nor_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_stacked_layers_are_read_per_stack(tmp_path: Path) -> None:
+    """Encoder-decoder runs key layers ``{field}/{stack}/layer_XX``: stacks read apart, findings see all."""
+    from thetascope.keys import layer_key
+    from thetascope.report.figures import fig_theta
+
+    rows: list[dict[str, float]] = []
+    for step in (0, 5):
+        r: dict[str, float] = {"step": step}
+        for stack, theta in (("encoder", 0.5), ("decoder_cross", 0.9)):
+            for layer in range(2):
+                r[layer_key("stability/", "theta_max", layer, stack=stack)] = theta + 0.01 * layer
+        rows.append(r)
+    write_csv(tmp_path / "run/metrics.csv", rows)
+    (run,) = load_runs([tmp_path / "run"])
+    assert run.stacks("theta_max") == ["decoder_cross", "encoder"]  # CSV columns are sorted
+    assert run.layered("theta_max") == {}
+    assert run.layered("theta_max", "encoder")[1].values == (0.51, 0.51)
+    assert run.layered("theta_max", "decoder_cross")[0].values == (0.9, 0.9)
+    assert compute_findings(run).median_theta_max == pytest.approx(statistics.median([0.5, 0.51, 0.9, 0.91]))
+    pytest.importorskip("matplotlib")
+    (tmp_path / "out").mkdir()
+    fig = fig_theta([run], tmp_path / "out")
+    assert set(fig.data["run"]) == {
+        "theta_max/encoder/layer_00",
+        "theta_max/encoder/layer_01",
+        "theta_max/decoder_cross/layer_00",
+        "theta_max/decoder_cross/layer_01",
+    }

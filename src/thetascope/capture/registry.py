@@ -4,33 +4,29 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from thetascope.capture.introspect import unwrap_compiled
+
+if TYPE_CHECKING:
+    from thetascope.capture.probe import AttentionProbe
+
 __all__ = ["shared_probe", "unwrap_compiled"]
-
-
-def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
-    """The eager module behind a ``torch.compile`` wrapper (``_orig_mod``), or ``module`` itself."""
-    inner = getattr(module, "_orig_mod", None)
-    return inner if isinstance(inner, torch.nn.Module) else module
-
 
 # model -> weak reference to its probe. The callbacks hold the probe; the probe holds the model. Holding the
 # probe strongly here would keep every model ever fitted alive for the life of the process (the value would
 # reference its own weak key), which a sweep or a notebook running many fits would notice.
-_PROBES: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+_PROBES: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[AttentionProbe]] = weakref.WeakKeyDictionary()
 
 
-def shared_probe(module: torch.nn.Module, **settings: Any) -> Any:
+def shared_probe(module: torch.nn.Module, **settings: Any) -> AttentionProbe:
     """The :class:`~thetascope.capture.AttentionProbe` of ``module`` (compiled wrappers unwrapped), made once.
 
-    TemperatureWarmup and AttentionSensitivityMonitor use the same probe, so the measured rows are those of
-    the
-    tempered logits and only one set of hooks is ever installed. ``settings`` (``rows_per_head``,
-    ``batch_size``, ``exact_top``, ``seed``) update the sampling of an existing probe; they do not affect the
-    temperature.
+    The temperature and attention monitors use the same probe, so the measured rows are those of the tempered
+    logits and only one set of hooks is ever installed. ``settings`` (``rows_per_head``, ``batch_size``,
+    ``exact_top``, ``seed``) update the sampling of an existing probe; they do not affect the temperature.
     """
     from thetascope.capture.probe import AttentionProbe
 
@@ -47,7 +43,7 @@ def shared_probe(module: torch.nn.Module, **settings: Any) -> Any:
     return probe
 
 
-def _refreshed(model: torch.nn.Module, probe: Any) -> Any:
+def _refreshed(model: torch.nn.Module, probe: AttentionProbe) -> AttentionProbe:
     """``probe``, or a new probe when the model's attention modules changed since it was built.
 
     Blocks added, removed or replaced between two ``fit`` calls would otherwise go unmeasured, or keep

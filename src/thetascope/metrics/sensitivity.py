@@ -11,7 +11,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
-from thetascope.metrics._functional import _fill_unsized, _sensitivity_compute, _sensitivity_update
+from thetascope.functional.theta_stats import _sensitivity_compute, _sensitivity_update
+from thetascope.metrics._functional import _fill_unsized
 
 __all__ = ["SensitivityProxy"]
 

@@ -12,12 +12,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
 from thetascope.functional.theta import MAX_EXACT_TOP, ThetaBounds, attention_entropy, balanced_mass_factor
-from thetascope.metrics._functional import (
-    _attention_entropy_compute,
-    _attention_entropy_update,
-    _balanced_mass_compute,
-    _balanced_mass_update,
-)
+from thetascope.functional.theta_stats import _entropy_compute, _entropy_update, _theta_compute, _theta_update
 
 __all__ = ["AttentionEntropy", "BalancedMassFactor"]
 
@@ -132,7 +127,7 @@ class BalancedMassFactor(Metric):
         if bounds is None:
             assert probs is not None
             bounds = balanced_mass_factor(probs, exact_top=self.exact_top, validate=self.validate)
-        inc = _balanced_mass_update(bounds, self.threshold, self.n_bins)
+        inc = _theta_update(bounds, self.threshold, self.n_bins)
         self.n_rows += inc.n_rows
         self.n_nonfinite += inc.n_nonfinite
         self.sum_mid += inc.sum_mid.to(self.sum_mid.dtype)
@@ -158,7 +153,7 @@ class BalancedMassFactor(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """See the class docstring for the keys."""
-        return _balanced_mass_compute(
+        return _theta_compute(
             self.n_rows,
             self.n_nonfinite,
             self.sum_mid,
@@ -235,7 +230,7 @@ class AttentionEntropy(Metric):
         if entropy is None:
             assert probs is not None
             entropy = attention_entropy(probs)
-        inc = _attention_entropy_update(entropy)
+        inc = _entropy_update(entropy)
         self.n_rows += inc.n_rows
         self.n_nonfinite += inc.n_nonfinite
         self.sum_entropy += inc.sum_entropy.to(self.sum_entropy.dtype)
@@ -256,7 +251,7 @@ class AttentionEntropy(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """See the class docstring for the keys."""
-        return _attention_entropy_compute(
+        return _entropy_compute(
             self.n_rows, self.n_nonfinite, self.sum_entropy, self.min_entropy, self.max_entropy
         )
 

@@ -15,6 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from thetascope.keys import (
+    PROJ_NORM,
+    SENSITIVITY,
+    SENSITIVITY_MAX,
+    TEMPERATURE_FIELD,
+    THETA_MAX,
+    THETA_MAX_LOWER,
+    THETA_P10,
+    layer_key,
+)
 from thetascope.report.reader import RunData, Series
 
 
@@ -186,28 +196,28 @@ def _per_layer_grid(
     log: bool = False,
     ylim: tuple[float, float] | None = None,
 ) -> FigureResult:
-    """One panel per run, one line per layer (colour = depth), optional ``band`` metric as the lower edge
-    and an optional ``extra`` per-layer metric drawn dashed."""
-    have = [r for r in runs if r.layered(metric)]
+    """One panel per run (and stack, in multi-stack models), one line per layer (colour = depth), optional
+    ``band`` metric as the lower edge and an optional ``extra`` per-layer metric drawn dashed."""
+    have = [(r, stack) for r in runs for stack in r.stacks(metric) if r.layered(metric, stack)]
     for r in runs:
-        if not r.layered(metric):
+        if not r.stacks(metric):
             res.missing.append(f"{r.name}: no {metric}/layer_XX keys")
     if not have:
         return res
     nrows, ncols = _grid(len(have))
     fig, axes = _new_figure(4.2 * ncols, 3.3 * nrows + 0.6, nrows, ncols, sharex=True, sharey=True)
-    n_layers = max(max(r.layered(metric)) for r in have) + 1
+    n_layers = max(max(r.layered(metric, stack)) for r, stack in have) + 1
     colors = _colors(n_layers, "viridis")
-    for i, run in enumerate(have):
+    for i, (run, stack) in enumerate(have):
         ax = axes[i // ncols][i % ncols]
-        res.data[run.name] = {}
-        lower = run.layered(band) if band else {}
+        res.data.setdefault(run.name, {})
+        lower = run.layered(band, stack) if band else {}
         if band and not lower:
             res.missing.append(f"{run.name}: no {band}/layer_XX keys (band not drawn)")
-        for layer, s in run.layered(metric).items():
+        for layer, s in run.layered(metric, stack).items():
             color = colors[layer % len(colors)]
             _plot(ax, s, color=color, lw=1.1, label=f"layer {layer}")
-            res.data[run.name][f"{metric}/layer_{layer:02d}"] = s
+            res.data[run.name][layer_key("", metric, layer, stack)] = s
             lo = lower.get(layer)
             if lo is not None:
                 hi = dict(zip(s.steps, s.values))
@@ -222,13 +232,13 @@ def _per_layer_grid(
                         alpha=0.25,
                         lw=0,
                     )
-                res.data[run.name][f"{band}/layer_{layer:02d}"] = lo
-        for layer, s in (run.layered(extra) if extra else {}).items():
+                res.data[run.name][layer_key("", band or "", layer, stack)] = lo
+        for layer, s in (run.layered(extra, stack) if extra else {}).items():
             _plot(ax, s, color=colors[layer % len(colors)], lw=0.8, ls="--")
-            res.data[run.name][f"{extra}/layer_{layer:02d}"] = s
-        ax.set_title(run.name, fontsize=9)
+            res.data[run.name][layer_key("", extra or "", layer, stack)] = s
+        ax.set_title(run.name if stack is None else f"{run.name} ({stack})", fontsize=9)
         ax.grid(alpha=0.3)
-        if log and all(_positive(s) for s in run.layered(metric).values()):
+        if log and all(_positive(s) for s in run.layered(metric, stack).values()):
             ax.set_yscale("log")
         if ylim:
             ax.set_ylim(*ylim)
@@ -257,7 +267,7 @@ def fig_theta(runs: Sequence[RunData], out_dir: Path) -> FigureResult:
         "mass in half, the most sensitive a softmax can be; θ near 0 means one-hot rows.",
     )
     return _per_layer_grid(
-        runs, out_dir, res, "theta_max", "θ", band="theta_max_lower", extra="theta_p10", ylim=(-0.02, 1.02)
+        runs, out_dir, res, THETA_MAX, "θ", band=THETA_MAX_LOWER, extra=THETA_P10, ylim=(-0.02, 1.02)
     )
 
 
@@ -269,7 +279,7 @@ def fig_proj_norm(runs: Sequence[RunData], out_dir: Path) -> FigureResult:
         "G_l = ‖W_O‖‖W_Q‖‖W_K‖‖W_V‖ (spectral norms, power iteration), the quartic factor of attention "
         "sensitivity; steady growth means the attention path is getting more sensitive.",
     )
-    return _per_layer_grid(runs, out_dir, res, "proj_norm", "G_l", log=True)
+    return _per_layer_grid(runs, out_dir, res, PROJ_NORM, "G_l", log=True)
 
 
 def _profile(run: RunData, metric: str, late: bool) -> Series | None:
@@ -295,9 +305,8 @@ def fig_grad_profile(runs: Sequence[RunData], out_dir: Path) -> FigureResult:
         "grad_profile",
         "Per-layer gradient norm profile",
         "Median gradient norm of each layer's parameters over the second half of the measurements (solid) "
-        "and "
-        "the first half (dashed). A healthy pre-LN stack is roughly flat; post-LN typically shows early and "
-        "middle layers orders of magnitude below the last ones (the depth pathology).",
+        "and the first half (dashed). A healthy pre-LN stack is roughly flat; post-LN typically shows early "
+        "and middle layers orders of magnitude below the last ones (the depth pathology).",
     )
     fig, axes = _new_figure(10, 4.5)
     ax = axes[0][0]
@@ -333,8 +342,8 @@ def fig_sensitivity(runs: Sequence[RunData], out_dir: Path) -> FigureResult:
     ax_t, ax_l = axes[0][0], axes[0][1]
     positive = True
     for run, color in zip(runs, _colors(len(runs))):
-        layers = run.layered("sensitivity")
-        over = run.get("sensitivity_max")
+        layers = run.layered(SENSITIVITY, (run.stacks(SENSITIVITY) or [None])[0])
+        over = run.get(SENSITIVITY_MAX)
         if over is None and layers:
             by_step: dict[int, float] = {}
             for s in layers.values():
@@ -352,7 +361,7 @@ def fig_sensitivity(runs: Sequence[RunData], out_dir: Path) -> FigureResult:
         res.data[run.name] = {}
         if over is not None:
             _plot(ax_t, over, color=color, lw=1.2, label=run.name)
-            res.data[run.name]["sensitivity_max"] = over
+            res.data[run.name][SENSITIVITY_MAX] = over
             positive = positive and _positive(over)
         if layers:
             last = Series(tuple(layers), tuple(s.last for s in layers.values()))
@@ -379,18 +388,17 @@ def fig_temperature(runs: Sequence[RunData], out_dir: Path) -> FigureResult:
         "temperature",
         "Attention temperature τ",
         "τ as applied to the attention logits (logits divided by τ): TemperatureWarmup lowers it from "
-        "τ_start "
-        "to 1; runs without it stay at τ = 1.",
+        "τ_start to 1; runs without it stay at τ = 1.",
     )
     fig, axes = _new_figure(10, 3.5)
     ax = axes[0][0]
     for run, color in zip(runs, _colors(len(runs))):
-        t = run.get("temperature")
+        t = run.get(TEMPERATURE_FIELD)
         if t is None:
             res.missing.append(f"{run.name}: no temperature (τ = 1 unless set elsewhere)")
             continue
         _plot(ax, t, color=color, lw=1.5, label=run.name)
-        res.data[run.name] = {"temperature": t}
+        res.data[run.name] = {TEMPERATURE_FIELD: t}
     return _finish(res, fig, ax, out_dir, ylabel="τ")
 
 

@@ -5,25 +5,30 @@ TensorBoard's ``EventAccumulator`` (protobuf parsing only) when TensorBoard is i
 ``hparams.yaml`` are never opened.
 
 Run discovery: every ``metrics.csv`` and ``*tfevents*`` file below a given directory is found; a file belongs
-to
-the nearest directory at or above it (up to the given directory) that holds a ``metrics.csv`` directly, or to
-its own directory when there is none. So ``runs/`` (many runs), ``runs/post_ln-lr_warmup`` (one run, CSV plus
-``tb/``) and a Lightning ``lightning_logs/version_0`` all work.
+to the nearest directory at or above it (up to the given directory) that holds a ``metrics.csv`` directly, or
+to its own directory when there is none. So ``runs/`` (many runs), ``runs/post_ln-lr_warmup`` (one run, CSV
+plus ``tb/``) and a Lightning ``lightning_logs/version_0`` all work.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_PREFIX = "stability/"
-_LAYER_RE = re.compile(r"^(?P<metric>.+)/layer_(?P<idx>\d+)$")
+from thetascope.keys import (
+    DEFAULT_PREFIX,
+    PROJ_NORM,
+    SENSITIVITY,
+    SENSITIVITY_MAX,
+    THETA_MAX,
+    parse_layer_key,
+)
+
 # Number of trailing train/loss values averaged for the "final train loss".
 FINAL_LOSS_WINDOW = 20
 
@@ -81,14 +86,35 @@ class RunData:
         s = self.scalars.get(key)
         return s if s is not None and len(s) > 0 else None
 
-    def layered(self, metric: str) -> dict[int, Series]:
-        """Per-layer series of ``metric`` (e.g. ``"theta_max"``), by layer index, in layer order."""
+    def layered(self, metric: str, stack: str | None = None) -> dict[int, Series]:
+        """Per-layer series of ``metric`` (e.g. ``"theta_max"``) of one stack, by layer index, in layer order.
+
+        ``stack`` selects the layers of one stack of a multi-stack model (``"encoder"``, ``"decoder"``,
+        ``"decoder_cross"``, see :data:`thetascope.keys.STACKS`); ``None`` the layers logged without one.
+        """
         out: dict[int, Series] = {}
         for key, series in self.scalars.items():
-            m = _LAYER_RE.match(key)
-            if m and m.group("metric") == metric and len(series):
-                out[int(m.group("idx"))] = series
+            parsed = parse_layer_key(key)
+            if parsed is not None and parsed[:2] == (metric, stack) and len(series):
+                out[parsed[2]] = series
         return dict(sorted(out.items()))
+
+    def stacks(self, metric: str) -> list[str | None]:
+        """The stacks ``metric`` was logged for (``[None]`` for a single-stack model), in key order.
+
+        Example:
+            >>> s = Series((0,), (0.5,))
+            >>> keys = ("theta_max/encoder/layer_00", "theta_max/decoder/layer_00")
+            >>> run = RunData("r", Path("."), dict.fromkeys(keys, s))
+            >>> run.stacks("theta_max")
+            ['encoder', 'decoder']
+        """
+        found: list[str | None] = []
+        for key in self.scalars:
+            parsed = parse_layer_key(key)
+            if parsed is not None and parsed[0] == metric and parsed[1] not in found:
+                found.append(parsed[1])
+        return found
 
     def has(self, key: str) -> bool:
         """True when ``key`` was logged (a per-layer metric name counts when any layer was logged)."""
@@ -163,9 +189,9 @@ def _strip_prefix(scalars: dict[str, Series], prefix: str | None) -> tuple[dict[
         if not any(k.startswith(prefix) for k in scalars):
             for key in scalars:
                 for anchor in (
-                    "theta_max/layer_",
+                    f"{THETA_MAX}/layer_",
                     "grad_norm/layer_",
-                    "proj_norm/layer_",
+                    f"{PROJ_NORM}/layer_",
                     "grad_norm/global",
                 ):
                     if anchor in key:
@@ -303,6 +329,11 @@ def _finite(values: Iterable[float]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
+def _all_layers(run: RunData, metric: str) -> list[Series]:
+    """The per-layer series of ``metric`` of every stack."""
+    return [s for stack in run.stacks(metric) for s in run.layered(metric, stack).values()]
+
+
 def compute_findings(run: RunData) -> Findings:
     """The numbers of the report's findings table for one run.
 
@@ -311,9 +342,9 @@ def compute_findings(run: RunData) -> Findings:
         >>> compute_findings(run).final_train_loss
         2.5
     """
-    theta_vals = [v for s in run.layered("theta_max").values() for v in _finite(s.values)]
-    if not theta_vals and run.get("theta_max"):
-        theta_vals = _finite(run.scalars["theta_max"].values)
+    theta_vals = [v for s in _all_layers(run, THETA_MAX) for v in _finite(s.values)]
+    if not theta_vals and run.get(THETA_MAX):
+        theta_vals = _finite(run.scalars[THETA_MAX].values)
     ratio = run.get("grad/early_late_ratio")
     ratio_vals = _finite(ratio.values) if ratio else []
     spike_count = run.get("grad/spike_count")
@@ -330,11 +361,11 @@ def compute_findings(run: RunData) -> Findings:
     tail = train_vals[-FINAL_LOSS_WINDOW:]
     val = run.get("val/loss")
     val_vals = _finite(val.values) if val else []
-    sens = run.get("sensitivity_max")
+    sens = run.get(SENSITIVITY_MAX)
     sens_vals = (
         _finite(sens.values)
         if sens
-        else [v for s in run.layered("sensitivity").values() for v in _finite(s.values)]
+        else [v for s in _all_layers(run, SENSITIVITY) for v in _finite(s.values)]
     )
     return Findings(
         run=run.name,

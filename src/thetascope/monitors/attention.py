@@ -1,0 +1,513 @@
+"""AttentionMonitor: theta brackets, B-bar, projection norms, S_l and the Thm 5.1 bound of every layer."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from thetascope._validation import (
+    check_bool,
+    check_layers_arg,
+    check_positive_int,
+    check_prefix,
+    select_layers,
+)
+from thetascope.capture.introspect import architecture_card, is_compiled
+from thetascope.capture.registry import shared_probe
+from thetascope.functional.spectral import SpectralNormEstimator
+from thetascope.functional.theta import ThetaBounds
+from thetascope.functional.theta_stats import (
+    DEFAULT_THETA_BINS,
+    ENTROPY_INCREMENT_OPS,
+    THETA_INCREMENT_OPS,
+    ThetaIncrement,
+    _entropy_compute,
+    _entropy_update,
+    _sensitivity_compute,
+    _sensitivity_update,
+    _theta_compute,
+    _theta_update,
+)
+from thetascope.keys import ATTENTION_LAYER_FIELDS, DEFAULT_PREFIX, TEMPERATURE_FIELD, layer_key
+from thetascope.monitors._collective import AllGather, PackedValues, local_all_gather, reduce_packed
+from thetascope.monitors._guard import FailureGuard
+
+if TYPE_CHECKING:
+    from thetascope.capture.probe import AttentionProbe
+    from thetascope.capture.records import LayerRecord
+
+__all__ = ["AttentionMonitor", "check_attention_args", "layer_name"]
+
+#: Quantiles of the theta midpoints that are logged (``theta_p10``); exact across ranks (a summed histogram).
+THETA_QUANTILES: tuple[float, ...] = (0.1,)
+#: Level of ``theta_frac_099``.
+THETA_THRESHOLD = 0.99
+
+# Per-layer values packed into the one collective, in pack order, with their cross-rank op. Theta and entropy
+# travel as the increments of functional/theta_stats (sums, counts, maxima, a histogram), so every value
+# computed from them after the reduction, percentiles included, equals the single-process value.
+_LAYER_OPS: dict[str, str] = {
+    **{f"theta/{k}": op for k, op in THETA_INCREMENT_OPS.items()},
+    **{f"entropy/{k}": op for k, op in ENTROPY_INCREMENT_OPS.items()},
+    "attn_input_max_norm": "max",
+    "residual_max_norm": "max",
+    "nonfinite_rows": "sum",
+    "max_logit": "max",
+    "proj_norm": "max",
+    # per rank from that rank's theta_h and B-bar: the max over ranks bounds every rank's inputs
+    "lipschitz_bound": "max",
+    "failed": "max",
+}
+_RUN_OPS: dict[str, str] = {"tau": "max", "spectral_failed": "max"}
+_SEP = "|"  # between the layer name and the field in measure()'s keys (layer names may hold a "/")
+
+
+def layer_name(rec: LayerRecord) -> str:
+    """The name of a layer's measurement (``layer_03``, ``decoder_cross/layer_01``), as warnings show it."""
+    base = f"layer_{rec.index:02d}"
+    return f"{rec.stack}/{base}" if rec.stack else base
+
+
+def check_attention_args(
+    *,
+    rows_per_head: Any,
+    exact_top: Any,
+    layers: Any,
+    batch_size: Any,
+    power_iters: Any,
+    prefix: Any,
+    strict: Any,
+) -> dict[str, Any]:
+    """Validate the settings shared by :class:`AttentionMonitor` and its Lightning callback.
+
+    Raises:
+        ValueError: naming the argument and what is allowed.
+    """
+    if isinstance(exact_top, bool) or not isinstance(exact_top, int) or not 1 <= exact_top <= 20:
+        raise ValueError(f"exact_top must be an integer in 1..20, got {exact_top!r}")
+    return {
+        "rows_per_head": check_positive_int("rows_per_head", rows_per_head),
+        "exact_top": exact_top,
+        "layers": check_layers_arg(layers),
+        "batch_size": None if batch_size is None else check_positive_int("batch_size", batch_size),
+        "power_iters": None if power_iters is None else check_positive_int("power_iters", power_iters),
+        "prefix": check_prefix(prefix),
+        "strict": check_bool("strict", strict),
+    }
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _finite_or_nan(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, math.nan)
+
+
+class AttentionMonitor:
+    """Exact attention sensitivity of every attention layer of ``model``, from one captured forward.
+
+    Wrap the forward to be measured in :meth:`capture`, call :meth:`measure` right after it (device tensors,
+    no host sync), then :meth:`reduce` (one collective) for the values to log, keyed by full key. Per layer
+    (``{prefix}{field}/layer_XX``, or ``{prefix}{field}/{stack}/layer_XX`` in models with several stacks),
+    fields :data:`thetascope.keys.ATTENTION_LAYER_FIELDS`:
+
+    * ``theta_max`` / ``theta_max_lower``: the largest certified upper / lower theta bound over the sampled
+      query rows (the true max lies between); ``theta_mean``: mean of the bracket midpoints;
+      ``theta_frac_099``: fraction of rows whose lower bound is >= 0.99; ``theta_p10``: 10th percentile of
+      the midpoints (within 1e-3, from a 1000-bin histogram, so equal in one process and over DDP ranks);
+      ``theta_width``: the widest bracket;
+    * ``entropy``: mean attention entropy (nats) over the same rows; ``max_logit``: the largest pre-softmax
+      logit of the sampled rows (when the capture route records it);
+    * ``attn_input_max_norm``: largest token 2-norm of the attention input (the B-bar of Theorem 5.1, the one
+      S_l uses); ``residual_max_norm``: the same for the residual stream entering the block;
+      ``nonfinite_rows``: rows left out as non-finite;
+    * ``proj_norm``: ``G_l = ||W_Q|| ||W_K|| ||W_V|| ||W_O||`` (spectral norms by warm power iteration);
+      ``sensitivity``: ``S_l = (theta_max / tau) * B^2 * G_l``; ``lipschitz_bound``: the Theorem 5.1 bound.
+
+    Run-level keys: ``{prefix}theta_max`` and ``{prefix}sensitivity_max`` (max over every layer, the headline
+    values) and ``{prefix}temperature``. Values that are not finite are left out. A measurement that fails
+    (spectral norms, one layer) warns once and is disabled on every rank; ``strict=True`` raises instead.
+
+    Args:
+        model: the model (``torch.compile`` wrappers are measured eagerly).
+        rows_per_head: query rows sampled per (batch item, head).
+        exact_top: entries enumerated exactly by the theta bracket (1..20).
+        layers: which layers' per-layer keys :meth:`reduce` returns: ``"all"``/``None``, ``"auto"`` (first,
+            second, middle, second-last, last) or a list of layer positions. Headline maxima cover all layers.
+        batch_size: measure only the first ``batch_size`` items of the batch (``None`` = all).
+        power_iters: power-iteration steps per measurement (``None`` = the estimator's default).
+        prefix: key prefix.
+        strict: raise on a failed measurement instead of warning once and disabling it.
+        guard: a :class:`~thetascope.monitors._guard.FailureGuard` to share (a callback passes its own).
+
+    Raises:
+        ValueError: a bad argument, ``layers`` naming a layer the model does not have, or no attention module
+            found in ``model``.
+
+    Example:
+        >>> import torch
+        >>> from thetascope.demo.model import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=8))
+        >>> monitor = AttentionMonitor(model, rows_per_head=4)
+        >>> with monitor.capture():
+        ...     _ = model(torch.randint(0, 16, (2, 8)))
+        >>> logged = monitor.reduce(monitor.measure())
+        >>> sorted(monitor.headline(logged))
+        ['stability/sensitivity_max', 'stability/theta_max']
+        >>> 0.0 <= logged["stability/theta_max/layer_01"] <= 1.0
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        rows_per_head: int = 64,
+        exact_top: int = 10,
+        layers: str | list[int] | None = None,
+        batch_size: int | None = None,
+        power_iters: int | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        strict: bool = False,
+        guard: FailureGuard | None = None,
+    ) -> None:
+        args = check_attention_args(
+            rows_per_head=rows_per_head,
+            exact_top=exact_top,
+            layers=layers,
+            batch_size=batch_size,
+            power_iters=power_iters,
+            prefix=prefix,
+            strict=strict,
+        )
+        self.rows_per_head: int = args["rows_per_head"]
+        self.exact_top: int = args["exact_top"]
+        self.layers: str | list[int] = args["layers"]
+        self.batch_size: int | None = args["batch_size"]
+        self.power_iters: int | None = args["power_iters"]
+        self.prefix: str = args["prefix"]
+        self.strict: bool = args["strict"]
+        self.guard = guard if guard is not None else FailureGuard(type(self).__name__, self.strict)
+        self.model = model
+        self.estimator = (
+            SpectralNormEstimator()
+            if self.power_iters is None
+            else SpectralNormEstimator(n_iter=self.power_iters)
+        )
+        self.probe: AttentionProbe = shared_probe(
+            model, rows_per_head=self.rows_per_head, batch_size=self.batch_size, exact_top=self.exact_top
+        )
+        select_layers(self.layers, len(self.probe.layers))  # a bad layers= is a configuration error
+        self._captures_before: dict[int, int] = {}
+        self._last_columns: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------------------------------ capture
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Wrap the ONE forward to be measured; a failure to start the capture warns once, never raises.
+
+        Compiled graphs do not run module hooks, so a compiled model runs this forward eagerly.
+        """
+        stack = contextlib.ExitStack()
+        try:
+            if is_compiled(self.model):
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
+            self._captures_before = {id(r): r.n_captures for r in self.probe.layers}
+            stack.enter_context(self.probe.capture())
+        except Exception as err:
+            stack.close()
+            self.guard.fail("capture", err, _rank())
+            # measure() still runs (every rank must join the collective): it finds no layer captured
+            stack = contextlib.ExitStack()
+        with stack:
+            yield
+
+    # ------------------------------------------------------------------------------------------ measure
+    def _device(self) -> torch.device:
+        return next((p.device for p in self.probe.model.parameters()), torch.device("cpu"))
+
+    def _spectral(self) -> dict[str, Tensor]:
+        """All projection norms of all layers in ONE estimator call (a batched power iteration per shape)."""
+        mats: dict[str, Tensor] = {}
+        for rec in self.probe.layers:
+            name = layer_name(rec)
+            if not self.guard.active(name):
+                continue
+            w = rec.weights()
+            ph = w.per_head()
+            mats[f"{name}/q"], mats[f"{name}/k"], mats[f"{name}/v"], mats[f"{name}/o"] = (
+                w.w_q,
+                w.w_k,
+                w.w_v,
+                w.w_o,
+            )
+            mats[f"{name}/qh"], mats[f"{name}/kh"], mats[f"{name}/vh"] = ph["q"], ph["k"], ph["v"]
+        return self.estimator(mats) if mats else {}
+
+    def _bound(
+        self, rec: LayerRecord, norms: Mapping[str, Tensor], theta_head: Tensor, b_bar: Tensor
+    ) -> Tensor:
+        from thetascope.functional.sensitivity import mha_lipschitz_bound
+
+        name = layer_name(rec)
+        w = rec.weights()
+        rep = w.n_heads // max(w.n_kv_heads, 1)
+        q_h = norms[f"{name}/qh"]
+        k_h = norms[f"{name}/kh"].repeat_interleave(rep)
+        v_h = norms[f"{name}/vh"].repeat_interleave(rep)
+        heads = rec.head_index
+        if heads is not None and theta_head.numel() != q_h.numel():  # only the sampled heads
+            heads = heads.to(q_h.device)
+            q_h, k_h, v_h = q_h[heads], k_h[heads], v_h[heads]
+        return mha_lipschitz_bound(
+            theta_head,
+            b_bar,
+            norms[f"{name}/o"],
+            q_h,
+            k_h,
+            v_h,
+            head_dim=w.head_dim,
+            tau=self.probe.temperature,
+        )
+
+    def _layer_stats(self, rec: LayerRecord) -> dict[str, Tensor]:
+        """Per-rank increments of one layer (sums, counts, maxima, a histogram), plus ``theta_head`` [H']."""
+        theta = rec.theta
+        device = theta.lower.device if theta is not None else self._device()
+        nan = torch.tensor(math.nan, device=device)
+        if theta is None or rec.n_captures == self._captures_before.get(id(rec), -1):
+            # the layer did not run in the measured forward (or its kernel was not seen): a rank that saw
+            # nothing adds nothing, and no stale values from an earlier capture
+            none = torch.empty(0, device=device)
+            theta_inc = _theta_update(ThetaBounds(none, none), THETA_THRESHOLD, DEFAULT_THETA_BINS)
+            ent_inc = _entropy_update(none)
+            out = {f"theta/{k}": v for k, v in theta_inc._asdict().items()}
+            out.update({f"entropy/{k}": v for k, v in ent_inc._asdict().items()})
+            out["nonfinite_rows"] = torch.zeros((), device=device)
+            return out
+        lower, upper = theta.lower.float(), theta.upper.float()
+        valid = torch.isfinite(lower) & torch.isfinite(upper)
+        theta_inc = _theta_update(ThetaBounds(lower, upper), THETA_THRESHOLD, DEFAULT_THETA_BINS)
+        # entropy over the rows whose theta is valid (the same rows)
+        ent = rec.entropy.float() if rec.entropy is not None else torch.full_like(lower, math.nan)
+        ent_inc = _entropy_update(torch.where(valid, ent, math.nan))
+        out = {f"theta/{k}": v for k, v in theta_inc._asdict().items()}
+        out.update({f"entropy/{k}": v for k, v in ent_inc._asdict().items()})
+        for field in ("attn_input_max_norm", "residual_max_norm"):
+            value = getattr(rec, field)
+            out[field] = value.float() if value is not None else nan
+        out["nonfinite_rows"] = rec.n_nonfinite_rows.float() if rec.n_nonfinite_rows is not None else nan
+        if rec.max_logit is not None:
+            logits = rec.max_logit.float()
+            top = torch.where(torch.isfinite(logits), logits, -math.inf).amax() if logits.numel() else nan
+            out["max_logit"] = _finite_or_nan(top)
+        # per-head theta max over (batch, rows): [H'] for Thm 5.1
+        masked = torch.where(valid, upper, -math.inf)
+        out["theta_head"] = _finite_or_nan(
+            masked.amax(dim=(0, 2)) if upper.dim() == 3 else masked.amax().reshape(1)
+        )
+        return out
+
+    def measure(self) -> dict[str, Tensor]:
+        """Per-rank partial values of the forward just captured: device tensors, no host sync.
+
+        Pass them to :meth:`reduce` on every rank (each rank's dict has the same keys and shapes).
+        """
+        rank = _rank()
+        device = self._device()
+        nan = torch.tensor(math.nan, device=device)
+        out: dict[str, Tensor] = {"tau": torch.tensor(float(self.probe.temperature), device=device)}
+        norms: dict[str, Tensor] = {}
+        if self.guard.active("spectral"):
+            try:
+                with torch.no_grad():
+                    norms = self._spectral()
+            except Exception as err:
+                self.guard.fail("spectral", err, rank)
+                norms = {}
+        out["spectral_failed"] = torch.tensor(float("spectral" in self.guard.failed_now), device=device)
+        for rec in self.probe.layers:
+            name = layer_name(rec)
+            if not self.guard.active(name):
+                continue  # disabled on every rank alike: the layouts stay equal
+            vals: dict[str, Tensor] = {}
+            try:
+                with torch.no_grad():
+                    vals = self._layer_stats(rec)
+                    theta_head = vals.pop("theta_head", None)
+                    if norms:
+                        from thetascope.functional.sensitivity import projection_norm_product
+
+                        vals["proj_norm"] = projection_norm_product(
+                            norms[f"{name}/q"], norms[f"{name}/k"], norms[f"{name}/v"], norms[f"{name}/o"]
+                        )
+                        if theta_head is not None:
+                            vals["lipschitz_bound"] = self._bound(
+                                rec, norms, theta_head, vals["attn_input_max_norm"]
+                            )
+            except Exception as err:
+                self.guard.fail(name, err, rank)
+                vals = {}
+            failed = name in self.guard.failed_now
+            for field in _LAYER_OPS:
+                key = f"{name}{_SEP}{field}"
+                if field == "failed":
+                    out[key] = torch.tensor(float(failed), device=device)
+                elif field == "theta/histogram":
+                    hist = vals.get(field)
+                    out[key] = (
+                        hist.float() if hist is not None and not failed else nan.expand(DEFAULT_THETA_BINS)
+                    )
+                else:
+                    value = vals.get(field) if not failed else None
+                    out[key] = nan if value is None else value.to(device).float().reshape(())
+        return out
+
+    # ------------------------------------------------------------------------------------------ reduce
+    def reduce(
+        self, values: Mapping[str, Tensor], all_gather: AllGather = local_all_gather
+    ) -> dict[str, float]:
+        """Reduce :meth:`measure`'s values across ranks with ONE collective: full keys to floats, finite only.
+
+        Every rank must call it with the same layout. A failure that happened on any rank disables that
+        measurement on every rank.
+        """
+        packed = PackedValues()
+        for key, value in values.items():
+            op = _RUN_OPS[key] if key in _RUN_OPS else _LAYER_OPS[key.rsplit(_SEP, 1)[1]]
+            packed.add(key, value, op)
+        reduced = packed.unpack(reduce_packed(packed, all_gather))
+        layers = [r for r in self.probe.layers if f"{layer_name(r)}{_SEP}failed" in reduced]
+        agreed = ["spectral"] if float(reduced.get("spectral_failed", 0.0)) > 0 else []
+        agreed += [layer_name(r) for r in layers if float(reduced[f"{layer_name(r)}{_SEP}failed"]) > 0]
+        self.guard.disable_agreed(agreed)
+        try:  # host-side arithmetic after the collective: a failure here needs no agreement
+            return self._values(reduced, [r for r in layers if self.guard.active(layer_name(r))])
+        except Exception as err:
+            self.guard.warn("logging", err, _rank())
+            return {}
+
+    def _values(self, reduced: Mapping[str, Tensor], layers: list[LayerRecord]) -> dict[str, float]:
+        p = self.prefix
+        tau = float(reduced["tau"]) if "tau" in reduced else float(self.probe.temperature)
+        table: list[dict[str, float]] = []
+        for rec in layers:
+            name = layer_name(rec)
+
+            def get(field: str, name: str = name) -> Tensor:
+                return reduced[f"{name}{_SEP}{field}"]
+
+            inc = ThetaIncrement(**{k: get(f"theta/{k}") for k in THETA_INCREMENT_OPS})
+            theta = _theta_compute(*inc, quantiles=THETA_QUANTILES)
+            entropy = _entropy_compute(*(get(f"entropy/{k}") for k in ENTROPY_INCREMENT_OPS))
+            table.append(
+                {
+                    "theta_max": float(theta["max"]),
+                    "theta_max_lower": float(theta["max_lower"]),
+                    "theta_mean": float(theta["mean"]),
+                    "theta_frac_099": float(theta["frac_ge_threshold"]),
+                    "theta_p10": float(theta["p10"]),
+                    "theta_width": float(theta["max_width"]),
+                    "entropy": float(entropy["mean"]),
+                    **{
+                        f: float(get(f))
+                        for f in (
+                            "attn_input_max_norm",
+                            "residual_max_norm",
+                            "nonfinite_rows",
+                            "proj_norm",
+                            "lipschitz_bound",
+                            "max_logit",
+                        )
+                    },
+                    "sensitivity": math.nan,  # below, from the reduced factors of every layer
+                }
+            )
+        sens_max = math.nan
+        if any(math.isfinite(row["proj_norm"]) for row in table):  # no G (spectral norms disabled): no S
+            theta_max, b_bar, proj_norm = (
+                torch.tensor([row[f] for row in table])
+                for f in ("theta_max", "attn_input_max_norm", "proj_norm")
+            )
+            t, b, g, bad = _sensitivity_update(theta_max, b_bar, proj_norm, tau)
+            sens = _sensitivity_compute(t, b, g, bad)
+            for row, s in zip(table, sens["sensitivity"].tolist()):
+                row["sensitivity"] = s
+            sens_max = float(sens["sensitivity_max"])
+        by_layer = {id(rec): row for rec, row in zip(layers, table)}
+        self._last_columns = {
+            field: [by_layer[id(r)][field] if id(r) in by_layer else math.nan for r in self.probe.layers]
+            for field in ("theta_max", "sensitivity")
+        }
+        out: dict[str, float] = {}
+        shown = set(select_layers(self.layers, len(self.probe.layers)))
+        for pos, rec in enumerate(self.probe.layers):
+            if id(rec) not in by_layer or pos not in shown:
+                continue
+            for field in ATTENTION_LAYER_FIELDS:
+                v = by_layer[id(rec)].get(field, math.nan)
+                if math.isfinite(v):  # never NaN the log: missing readings are left out
+                    out[layer_key(p, field, rec.index, stack=rec.stack)] = v
+        finite_theta = [row["theta_max"] for row in table if math.isfinite(row["theta_max"])]
+        if finite_theta:
+            out[f"{p}theta_max"] = max(finite_theta)
+        if math.isfinite(sens_max):
+            out[f"{p}sensitivity_max"] = sens_max
+        out[f"{p}{TEMPERATURE_FIELD}"] = tau
+        return out
+
+    def headline(self, reduced: Mapping[str, float]) -> dict[str, float]:
+        """The headline values of :meth:`reduce`'s result (max theta and max S_l over every layer)."""
+        keys = (f"{self.prefix}theta_max", f"{self.prefix}sensitivity_max")
+        return {k: float(reduced[k]) for k in keys if k in reduced}
+
+    def heatmap_columns(self, reduced: Mapping[str, float]) -> dict[str, list[float]]:
+        """``theta_max`` and ``sensitivity``: one value per layer (NaN where none), for layer x step images.
+
+        Layers whose keys :meth:`reduce` left out (``layers="auto"``) come from the same last reduction.
+        """
+        cols = {f: list(v) for f, v in self._last_columns.items()}
+        for field, col in cols.items():
+            for pos, rec in enumerate(self.probe.layers):
+                key = layer_key(self.prefix, field, rec.index, stack=rec.stack)
+                if key in reduced and pos < len(col):
+                    col[pos] = float(reduced[key])
+        return cols
+
+    def architecture_card(self) -> dict[str, Any]:
+        """Depth, norm placement, path length m, the recommended ``N^(-1/m)`` scale and residual scaling."""
+        return architecture_card(self.probe)
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Power-iteration vectors and the probe's capture count (rows resume as in an uninterrupted run)."""
+        return {
+            "spectral": self.estimator.state_dict(),
+            "probe_captures": self.probe.state_dict()["n_captures"],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a missing ``probe_captures`` keeps the probe's count.
+
+        Raises:
+            ValueError: the layout is not one :meth:`state_dict` writes (nothing is changed then).
+        """
+        try:
+            captures = state.get("probe_captures")
+            captures = None if captures is None else int(captures)
+            spectral = state["spectral"]
+        except Exception as err:
+            raise ValueError(
+                f"AttentionMonitor.load_state_dict: unreadable state ({type(err).__name__}: {err})"
+            ) from err
+        self.estimator.load_state_dict(spectral)
+        if captures is not None:
+            self.probe.load_state_dict({"n_captures": captures})
