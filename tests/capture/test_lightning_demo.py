@@ -60,7 +60,15 @@ def test_discovery_blocks_and_norm_placement() -> None:
     model = _demo()
     probe = AttentionProbe(model, rows_per_head=4)
     assert [r.name for r in probe.layers] == NAMES
-    assert [r.index for r in probe.layers] == list(range(6))
+    # nn.Transformer: encoder self-, decoder self- and decoder cross-attention are three stacks
+    assert [(r.stack, r.index, r.attention) for r in probe.layers] == [
+        ("encoder", 0, "self"),
+        ("encoder", 1, "self"),
+        ("decoder", 0, "self"),
+        ("decoder_cross", 0, "cross"),
+        ("decoder", 1, "self"),
+        ("decoder_cross", 1, "cross"),
+    ]
     assert {r.kind for r in probe.layers} == {"torch_mha"}
     assert [r.block_name for r in probe.layers] == [n.rsplit(".", 1)[0] for n in NAMES]
     # the demo's nn.Transformer is post-LN (norm_first=False), cross-attention included

@@ -1,8 +1,7 @@
 """Attention adapters: how the probe finds an attention module, reads its weights and observes its kernel.
 
 An adapter wraps one attention module. It says whether it :meth:`~AttentionAdapter.matches` a module, gives
-the
-head counts and :class:`~thetascope.capture.records.ProjectionWeights`, and names the *route* by which its
+the head counts and :class:`~thetascope.capture.records.ProjectionWeights`, and names the *route* by which its
 attention kernel is observed while the module's forward runs (through a ``TorchFunctionMode`` that is active
 only inside ``probe.capture()`` or while a temperature != 1 is set):
 
@@ -75,6 +74,7 @@ __all__ = [
     "CallContext",
     "DualRouteAdapter",
     "adapter_for",
+    "gather_rows",
     "register_adapter",
     "registered_adapters",
     "sdpa_sampled_logits",
@@ -82,6 +82,7 @@ __all__ = [
 ]
 
 _REGISTRY: list[type[AttentionAdapter]] = []
+_ROUTES = ("sdpa", "softmax", "mha", "interface")
 
 # The softmax entry points a TorchFunctionMode can see (F.softmax is observed before it calls Tensor.softmax;
 # calls made inside a handler are not observed again).
@@ -98,10 +99,12 @@ class CallContext(Protocol):
         inv_tau: 0-dim tensor ``1/tau`` on the kernel's device (exactly 1.0 when tau == 1).
         apply_temperature: False when tau == 1 (the kernel must then run unchanged, bitwise).
         recording: True inside ``probe.capture()``: the adapter should call :meth:`record_logits`.
+        done: set once the module's kernel call was seen in the running forward.
     """
 
     layer: LayerRecord
     recording: bool
+    done: bool
 
     @property
     def inv_tau(self) -> Tensor:
@@ -113,8 +116,17 @@ class CallContext(Protocol):
         """Whether tau != 1."""
         ...
 
+    @property
+    def inv_tau_float(self) -> float:
+        """``1/tau`` as a Python float (for kernel arguments that must be numbers, e.g. a soft-cap)."""
+        ...
+
     def inv_tau_on(self, device: torch.device) -> Tensor:
         """``inv_tau`` on ``device`` (one tensor per device, updated in place)."""
+        ...
+
+    def fail(self, err: Exception) -> None:
+        """Report a failed measurement of this layer (raises under ``strict``, else warns once, disables)."""
         ...
 
     def select(self, batch: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -143,8 +155,7 @@ class AttentionAdapter:
     ``__init__``. Override :meth:`attention_input` when the module's attention input (the ``U`` of Thm 5.1) is
     not its first positional tensor argument or ``hidden_states``/``x``/``query`` keyword, and
     :attr:`norm_placement` when the adapter knows it (``"pre"``, ``"post"`` or ``"none"``); otherwise the
-    probe
-    infers it from the order in which normalisation modules run inside the enclosing block.
+    probe infers it from the order in which normalisation modules run inside the enclosing block.
     """
 
     kind: ClassVar[str] = "attention"
@@ -171,6 +182,16 @@ class AttentionAdapter:
     @property
     def norm_placement(self) -> str | None:
         """``"pre"``/``"post"``/``"none"`` when the adapter knows it; ``None`` lets the probe infer it."""
+        return None
+
+    @property
+    def has_projections(self) -> bool:
+        """Whether :meth:`projection_weights` can give the matrices (False: G_l, S_l, the bound unknown)."""
+        return True
+
+    @property
+    def missing_projections_reason(self) -> str | None:
+        """Why the projections were not found (``None`` when they were)."""
         return None
 
     def attention_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
@@ -246,8 +267,8 @@ def register_adapter(cls: type[AttentionAdapter]) -> type[AttentionAdapter]:
     """
     if not (isinstance(cls, type) and issubclass(cls, AttentionAdapter)):
         raise TypeError(f"register_adapter expects an AttentionAdapter subclass, got {cls!r}")
-    if cls.route not in ("sdpa", "softmax", "mha"):
-        raise ValueError(f"{cls.__name__}.route must be 'sdpa', 'softmax' or 'mha', got {cls.route!r}")
+    if cls.route not in _ROUTES:
+        raise ValueError(f"{cls.__name__}.route must be one of {_ROUTES}, got {cls.route!r}")
     if cls in _REGISTRY:
         _REGISTRY.remove(cls)
     _REGISTRY.append(cls)
@@ -290,7 +311,7 @@ def _softmax_is_attention(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool
     return isinstance(dim, int) and dim in (-1, 3)
 
 
-def _gather_rows(x: Tensor, bi: Tensor, hi: Tensor, pos: Tensor) -> Tensor:
+def gather_rows(x: Tensor, bi: Tensor, hi: Tensor, pos: Tensor) -> Tensor:
     """``x[bi][:, hi]`` then rows ``pos`` ``[B', H', R]`` along dim 2 -> ``[B', H', R, x.shape[-1]]``.
 
     ``x`` may be broadcast along dims 0/1 (size 1); dim 2 must be the full query length.
@@ -312,9 +333,8 @@ def sdpa_sampled_logits(
 ) -> tuple[Tensor, Tensor]:
     """Logits of the sampled query rows exactly as ``F.scaled_dot_product_attention`` would form them.
 
-    Handles ``scale=None`` (``1/sqrt(E)``), boolean (True = attend) and additive masks broadcastable to
-    ``[B, H, Lq, Lk]``, ``is_causal`` with torch's top-left alignment (query ``i`` sees keys ``j <= i`` even
-    when
+    Handles ``scale=None`` (``1/sqrt(E)``), boolean (True = attend) and additive masks broadcastable to ``[B,
+    H, Lq, Lk]``, ``is_causal`` with torch's top-left alignment (query ``i`` sees keys ``j <= i`` even when
     ``Lq != Lk``) and grouped-query attention (query head ``h`` reads key head ``h // (H // H_kv)``, as
     ``enable_gqa`` and HF ``repeat_kv`` do). Computed in float32, multiplied by ``ctx.inv_tau`` when a
     temperature is applied. Mask entries ``-inf`` stay ``-inf``.
@@ -339,7 +359,7 @@ def sdpa_sampled_logits(
     rep = max(n_heads // k.shape[1], 1)
     bi, hi = ctx.select(bsz, n_heads, q.device)
     pos = ctx.sample_rows(bsz, n_heads, q_len, q.device)
-    qr = _gather_rows(q.detach(), bi, hi, pos).float()
+    qr = gather_rows(q.detach(), bi, hi, pos).float()
     kk = k.detach().index_select(0, bi if k.shape[0] != 1 else torch.zeros_like(bi))
     kk = kk.index_select(1, hi // rep).float()
     s = (1.0 / math.sqrt(e)) if scale is None else float(scale)
@@ -349,7 +369,7 @@ def sdpa_sampled_logits(
         while m.dim() < 4:
             m = m.unsqueeze(0)
         m = m.expand(m.shape[0], m.shape[1], q_len, k_len) if m.shape[2] == 1 else m
-        mr = _gather_rows(m, bi, hi, pos)
+        mr = gather_rows(m, bi, hi, pos)
         logits = logits.masked_fill(~mr, float("-inf")) if mr.dtype == torch.bool else logits + mr.float()
     if is_causal:
         keys = torch.arange(k_len, device=q.device)
@@ -398,7 +418,7 @@ def _handle_softmax(
         bsz, n_heads, q_len, _ = x.shape
         bi, hi = ctx.select(bsz, n_heads, x.device)
         pos = ctx.sample_rows(bsz, n_heads, q_len, x.device)
-        rows = _gather_rows(x.detach(), bi, hi, pos).float()
+        rows = gather_rows(x.detach(), bi, hi, pos).float()
         if x.dtype.is_floating_point:
             # HF eager masks with finfo(dtype).min instead of -inf: treat such entries as masked.
             rows = rows.masked_fill(rows <= torch.finfo(x.dtype).min / 2, float("-inf"))

@@ -4,8 +4,8 @@ It matches a module only when all of these hold:
 
 * a head count in an int attribute ``n_head``, ``n_heads`` or ``num_heads``;
 * either a fused ``c_attn`` ``nn.Linear(d, 3*d)`` plus ``c_proj`` ``nn.Linear`` (nanoGPT), or four
-``nn.Linear``
-  named ``q_proj/k_proj/v_proj/o_proj`` (also ``q/k/v/o``, ``query/key/value/out``), with matching shapes;
+  ``nn.Linear`` named ``q_proj/k_proj/v_proj/o_proj`` (also ``q/k/v/o``, ``query/key/value/out``), with
+  matching shapes;
 * the source of its ``forward`` mentions ``scaled_dot_product_attention`` or ``softmax``.
 
 Anything else is left to a user adapter (see :func:`thetascope.capture.adapters.register_adapter`).

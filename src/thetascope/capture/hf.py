@@ -1,224 +1,375 @@
-"""Adapters for HF transformers attention modules (GPT-2, Llama-family, BERT-family).
+"""The generic Hugging Face route: any transformers attention module that calls the attention interface.
 
-transformers 5.x picks the kernel from ``ALL_ATTENTION_FUNCTIONS`` by ``config._attn_implementation``:
-``eager_attention_forward`` ends in ``nn.functional.softmax`` over ``[B, H, Lq, Lk]`` logits that already
-carry
-the scale and the additive mask, and ``sdpa_attention_forward`` calls ``F.scaled_dot_product_attention`` (with
-``is_causal``, a boolean/additive mask, ``enable_gqa`` or ``repeat_kv``). The adapters intercept both. Queries
-and keys are observed after RoPE. Flash-attention / flex-attention kernels are not observable (the probe
-warns).
+transformers 5.x attention modules hand their post-RoPE query ``[B, H, Lq, d]``, key ``[B, H_kv, Lk, d]``,
+value, mask, ``scaling`` and extras (``softcap``, ``position_bias``, ``sliding_window``, ``is_causal``,
+``s_aux``) to one function, looked up at call time: the modeling file's own ``eager_attention_forward`` or an
+entry of ``ALL_ATTENTION_FUNCTIONS`` (``sdpa``, ``flex_attention``, ``flash_attention_*``, user-registered
+kernels). While a probe's hooks are installed, the probe replaces those two names in the globals of each found
+module's ``forward`` by thin wrappers; a wrapper that receives a module with an active probe context records
+the sampled rows from the arguments and applies the temperature, and otherwise calls the kernel untouched. No
+per-family adapter is needed, head counts and GQA come from the tensors the kernel receives, and every kernel
+call a module makes is seen. The globals are restored when the last probe removes its hooks.
 
-Nothing here imports transformers: modules are recognised by their class's module path and attributes.
+Nothing here imports transformers at module import time: modules are recognised by their class's module path
+and by what their ``forward`` refers to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
-from thetascope.capture.adapters import CallContext, DualRouteAdapter, register_adapter, sdpa_sampled_logits
+from thetascope.capture.adapters import AttentionAdapter, CallContext, gather_rows, register_adapter
+from thetascope.capture.projections import ProjectionFinder
 from thetascope.capture.records import ProjectionWeights
 
-__all__ = ["HFBertAttentionAdapter", "HFGPT2AttentionAdapter", "HFLlamaAttentionAdapter"]
+__all__ = ["HFAttentionAdapter", "interface_sampled_logits"]
+
+# The kernel function signature: fn(module, query, key, value, attention_mask, **kwargs) -> (out, weights)
+KernelFn = Callable[..., Any]
+Handler = Callable[[KernelFn, str, tuple[Any, ...], dict[str, Any]], Any]
+
+_ACTIVE: dict[int, Handler] = {}  # id(attention module) -> the probe context's handler
+_WRAPPED: dict[KernelFn, KernelFn] = {}  # kernel -> its wrapper (one per kernel function)
+_PATCHES: dict[int, tuple[dict[str, Any], dict[str, Any], int]] = {}  # id(globals) -> (globals, saved, refs)
+_SIGNATURES: dict[KernelFn, inspect.Signature] = {}
 
 
-def _from_transformers(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("transformers.")
+def _forward_function(cls: type) -> Any:
+    return inspect.unwrap(cls.forward)  # type: ignore[attr-defined]
 
 
-def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
-    x = kwargs.get("hidden_states")
-    if isinstance(x, Tensor):
-        return x
-    return args[0] if args and isinstance(args[0], Tensor) else None
+_REACHES: dict[type, bool] = {}
 
 
-def _weight(linear: Any) -> Tensor:
-    return linear.weight.detach()
+def _class_reaches_interface(cls: type) -> bool:
+    if cls not in _REACHES:
+        _REACHES[cls] = _forward_reaches_interface(cls)
+    return _REACHES[cls]
+
+
+def _forward_reaches_interface(cls: type) -> bool:
+    fn = _forward_function(cls)
+    g = getattr(fn, "__globals__", {})
+    if "ALL_ATTENTION_FUNCTIONS" not in g and "eager_attention_forward" not in g:
+        return False
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    return "attention_interface" in src or "eager_attention_forward(" in src
+
+
+def reaches_interface(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers module whose ``forward`` calls the attention interface."""
+    return type(module).__module__.startswith("transformers.") and _class_reaches_interface(type(module))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Patching the interface names in a modeling file's globals
+
+
+class _InterfaceProxy:
+    """Stands in for ``ALL_ATTENTION_FUNCTIONS`` in a patched modeling file: returns wrapped kernels."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def get_interface(self, attn_implementation: str, default: KernelFn) -> KernelFn:
+        impl = "eager" if attn_implementation in (None, "eager") else attn_implementation
+        return _wrap(self._inner.get_interface(attn_implementation, default), impl)
+
+    def __getitem__(self, key: str) -> KernelFn:
+        return _wrap(self._inner[key], key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._inner.get(key, default)
+        return _wrap(value, key) if callable(value) else value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._inner
+
+    def __iter__(self) -> Any:
+        return iter(self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _wrap(fn: KernelFn, impl: str) -> KernelFn:
+    if hasattr(fn, "__thetascope_kernel__"):  # already a wrapper (e.g. the patched eager default)
+        return fn
+    wrapped = _WRAPPED.get(fn)
+    if wrapped is not None:
+        return wrapped
+
+    @functools.wraps(fn)
+    def wrapper(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        handler = _ACTIVE.get(id(module))
+        if handler is None:
+            return fn(module, *args, **kwargs)
+        return handler(fn, impl, (module, *args), kwargs)
+
+    wrapper.__thetascope_kernel__ = fn  # type: ignore[attr-defined]
+    _WRAPPED[fn] = wrapper
+    return wrapper
+
+
+def patch_module_globals(module: nn.Module) -> int:
+    """Route the attention interface of ``module``'s modeling file through the wrappers; returns a key."""
+    g: dict[str, Any] = _forward_function(type(module)).__globals__
+    key = id(g)
+    entry = _PATCHES.get(key)
+    if entry is not None:
+        _PATCHES[key] = (entry[0], entry[1], entry[2] + 1)
+        return key
+    saved: dict[str, Any] = {}
+    eager = g.get("eager_attention_forward")
+    if callable(eager):
+        saved["eager_attention_forward"] = eager
+        g["eager_attention_forward"] = _wrap(eager, "eager")
+    interface = g.get("ALL_ATTENTION_FUNCTIONS")
+    if interface is not None and not isinstance(interface, _InterfaceProxy):
+        saved["ALL_ATTENTION_FUNCTIONS"] = interface
+        g["ALL_ATTENTION_FUNCTIONS"] = _InterfaceProxy(interface)
+    _PATCHES[key] = (g, saved, 1)
+    return key
+
+
+def unpatch_module_globals(key: int) -> None:
+    """Undo one :func:`patch_module_globals`; the names are restored when the last user lets go."""
+    entry = _PATCHES.get(key)
+    if entry is None:
+        return
+    g, saved, refs = entry
+    if refs > 1:
+        _PATCHES[key] = (g, saved, refs - 1)
+        return
+    g.update(saved)
+    del _PATCHES[key]
+
+
+def activate(module: nn.Module, handler: Handler) -> None:
+    """Kernel calls that receive ``module`` go to ``handler`` (while its globals are patched)."""
+    _ACTIVE[id(module)] = handler
+
+
+def deactivate(module: nn.Module) -> None:
+    """Kernel calls that receive ``module`` run untouched again."""
+    _ACTIVE.pop(id(module), None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Logits of the sampled rows from the kernel's arguments
+
+
+def _bind(fn: KernelFn, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword form of ``fn(module, query, key, value, attention_mask, *rest, **kwargs)``."""
+    names = ("module", "query", "key", "value", "attention_mask")
+    bound = dict(zip(names, args))
+    if len(args) > len(names):  # extras passed positionally: their names come from the kernel's signature
+        sig = _SIGNATURES.get(fn)
+        if sig is None:
+            sig = _SIGNATURES[fn] = inspect.signature(fn)
+        bound = dict(sig.bind_partial(*args).arguments)
+    bound.update(kwargs)
+    return bound
+
+
+def _block_mask_allowed(mask: Any, bi: Tensor, hi: Tensor, pos: Tensor, k_len: int) -> Tensor:
+    """``[B', H', R, Lk]`` bool: where a flex ``BlockMask``'s ``mask_mod`` lets the sampled rows attend."""
+    shape = (bi.numel(), hi.numel(), pos.shape[-1], k_len)
+    b = bi.view(-1, 1, 1, 1).expand(shape)
+    h = hi.view(1, -1, 1, 1).expand(shape)
+    q = pos.unsqueeze(-1).expand(shape)
+    kv = torch.arange(k_len, device=pos.device).view(1, 1, 1, -1).expand(shape)
+    allowed = mask.mask_mod(b, h, q, kv)
+    return torch.as_tensor(allowed, device=pos.device).to(torch.bool).expand(shape)
+
+
+def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallContext) -> tuple[Tensor, Tensor]:
+    """Logits ``[B', H', R, Lk]`` (float32) of the sampled query rows as the kernel ``impl`` forms them.
+
+    Follows the transformers kernels: ``scaling`` (``None`` means ``d ** -0.5``), ``softcap`` (``c tanh(x /
+    c)``, before any mask or bias), ``position_bias`` (T5-style additive bias), additive float masks
+    (``finfo.min`` entries count as masked), boolean masks (True = attend), flex ``BlockMask`` (its
+    ``mask_mod`` evaluated on the sampled rows), sdpa's implicit causal mask (``mask=None``, top-left aligned)
+    and the flash kernels' bottom-right causal mask, padding mask ``[B, Lk]`` and ``sliding_window``. GQA:
+    query head ``h`` reads key head ``h // (H / H_kv)``. The temperature multiplies everything but the mask
+    (masks are 0 or -inf).
+    """
+    q, k = bound["query"], bound["key"]
+    mask = bound.get("attention_mask")
+    bsz, n_heads, q_len, e = q.shape
+    k_len = k.shape[-2]
+    rep = max(n_heads // k.shape[1], 1)
+    dev = q.device
+    bi, hi = ctx.select(bsz, n_heads, dev)
+    pos = ctx.sample_rows(bsz, n_heads, q_len, dev)
+    qr = gather_rows(q.detach(), bi, hi, pos).float()
+    kk = k.detach().index_select(0, bi if k.shape[0] != 1 else torch.zeros_like(bi))
+    kk = kk.index_select(1, hi // rep).float()
+    scaling = bound.get("scaling")
+    s = e**-0.5 if scaling is None else float(scaling)
+    logits = torch.matmul(qr, kk.transpose(-1, -2)) * s
+    softcap = bound.get("softcap")
+    if softcap is not None:
+        c = float(softcap)
+        logits = torch.tanh(logits / c) * c
+    bias = bound.get("position_bias")
+    if isinstance(bias, Tensor):
+        logits = logits + gather_rows(bias.detach()[..., :k_len], bi, hi, pos).float()
+    if ctx.apply_temperature:
+        logits = logits * ctx.inv_tau_on(dev).float()
+    keys = torch.arange(k_len, device=dev)
+    flash = impl.startswith("flash")
+    if isinstance(mask, Tensor) and not (flash and mask.dim() == 2):
+        m = mask.detach()[..., :k_len]
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        if m.shape[2] == 1:
+            m = m.expand(m.shape[0], m.shape[1], q_len, k_len)
+        mr = gather_rows(m, bi, hi, pos)
+        if mr.dtype == torch.bool:
+            logits = logits.masked_fill(~mr, float("-inf"))
+        else:
+            logits = logits + mr.float()
+            if m.dtype.is_floating_point:
+                logits = logits.masked_fill(mr <= torch.finfo(m.dtype).min / 2, float("-inf"))
+    elif mask is not None and hasattr(mask, "mask_mod"):  # flex BlockMask
+        logits = logits.masked_fill(~_block_mask_allowed(mask, bi, hi, pos, k_len), float("-inf"))
+    elif impl == "sdpa" and mask is None:
+        is_causal = bound.get("is_causal")
+        module = bound.get("module")
+        causal = q_len > 1 and (getattr(module, "is_causal", True) if is_causal is None else bool(is_causal))
+        if causal:
+            logits = logits.masked_fill(keys > pos.unsqueeze(-1), float("-inf"))
+    elif flash:
+        module = bound.get("module")
+        is_causal = bound.get("is_causal")
+        causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+        offset = k_len - q_len  # flash kernels align the causal mask bottom-right
+        if causal and q_len > 1:
+            logits = logits.masked_fill(keys > pos.unsqueeze(-1) + offset, float("-inf"))
+        window = bound.get("sliding_window")
+        if window is not None:
+            logits = logits.masked_fill(keys <= pos.unsqueeze(-1) + offset - int(window), float("-inf"))
+        if isinstance(mask, Tensor):  # [B, Lk] padding mask, 1 = keep
+            keep = mask.detach().index_select(0, bi)[:, -k_len:].to(torch.bool)
+            logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return logits, pos
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The adapter
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_attn_heads")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "dim_per_head")
+
+
+def _int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(obj, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 @register_adapter
-class HFGPT2AttentionAdapter(DualRouteAdapter):
-    """HF GPT-2 ``GPT2Attention`` (self-attention only): fused ``Conv1D`` ``c_attn`` stored ``[in,
-    3*out]``."""
+class HFAttentionAdapter(AttentionAdapter):
+    """Any transformers attention module whose ``forward`` calls the attention interface (kind ``"hf"``).
 
-    kind: ClassVar[str] = "hf_gpt2"
+    Recognised by what its ``forward`` calls, not by family. Head counts are read from the module (or its
+    ``config``) at discovery and replaced by what the kernel receives on the first call. Projection weights
+    are found generically (:class:`~thetascope.capture.projections.ProjectionFinder`); where they are not,
+    :attr:`has_projections` is False and :meth:`projection_weights` raises ``LookupError`` naming the reason.
+    """
+
+    kind: ClassVar[str] = "hf"
+    route: ClassVar[str] = "interface"
     priority: ClassVar[int] = 10
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return (
-            _from_transformers(module)
-            and type(module).__name__.endswith("Attention")
-            and hasattr(module, "c_attn")
-            and hasattr(module, "c_proj")
-            and type(module.c_attn).__name__ == "Conv1D"
-            and not getattr(module, "is_cross_attention", False)
-            and isinstance(getattr(module, "num_heads", None), int)
-        )
+        return reaches_interface(module)
 
     def __init__(self, module: nn.Module, name: str) -> None:
         super().__init__(module, name)
-        m: Any = module
-        self.n_heads = self.n_kv_heads = int(m.num_heads)
-        self.head_dim = int(m.head_dim)
-
-    @property
-    def norm_placement(self) -> str | None:
-        return "pre"
-
-    def projection_weights(self) -> ProjectionWeights:
-        m: Any = self.module
-        w = _weight(m.c_attn).t()  # Conv1D [in, 3d] -> Linear [3d, in]
-        d = self.n_heads * self.head_dim
-        w_q, w_k, w_v = w.split(d, dim=0)
-        w_o = _weight(m.c_proj).t()
-        return ProjectionWeights(w_q, w_k, w_v, w_o, self.n_heads, self.n_kv_heads, self.head_dim)
-
-    def attention_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
-        return _hidden_states(args, kwargs)
-
-
-@register_adapter
-class HFLlamaAttentionAdapter(DualRouteAdapter):
-    """Llama-family attention (Llama, Mistral, Qwen2, ...): ``q_proj``/``k_proj``/``v_proj``/``o_proj``
-    Linear,
-    grouped-query heads (``num_key_value_heads``), RoPE applied before the kernel (observed post-RoPE)."""
-
-    kind: ClassVar[str] = "hf_llama"
-    priority: ClassVar[int] = 10
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        if not (_from_transformers(module) and type(module).__name__.endswith("Attention")):
-            return False
-        if not all(
-            isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-        ):
-            return False
         config = getattr(module, "config", None)
-        return (
-            isinstance(getattr(module, "head_dim", None), int)
-            and isinstance(getattr(config, "num_attention_heads", None), int)
-            and not getattr(module, "is_cross_attention", False)
-        )
+        self._patch_key: int | None = None
+        self.n_heads = _int_attr(module, _HEAD_ATTRS) or _int_attr(config, ("num_attention_heads",)) or 1
+        head_dim = _int_attr(module, _HEAD_DIM_ATTRS)
+        self.finder = ProjectionFinder(module, self.n_heads, head_dim)
+        self.head_dim = head_dim or self.finder.head_dim or 1
+        kv = self.finder.n_kv_heads or _int_attr(config, ("num_key_value_heads",))
+        self.n_kv_heads = kv or self.n_heads
 
-    def __init__(self, module: nn.Module, name: str) -> None:
-        super().__init__(module, name)
-        m: Any = module
-        self.head_dim = int(m.head_dim)
-        self.n_heads = m.q_proj.out_features // self.head_dim
-        self.n_kv_heads = m.k_proj.out_features // self.head_dim
+    def bind_parent(self, parent: nn.Module | None) -> None:
+        """The enclosing module may hold the output projection (BERT's ``attention.output.dense``)."""
+        self.finder.bind_parent(parent)
 
     @property
-    def norm_placement(self) -> str | None:
-        return None  # Llama is pre-norm; Gemma-style sandwich norms exist too: let the probe observe it
+    def has_projections(self) -> bool:
+        return self.finder.found
+
+    @property
+    def missing_projections_reason(self) -> str | None:
+        return None if self.finder.found else self.finder.reason
 
     def projection_weights(self) -> ProjectionWeights:
-        m: Any = self.module
-        return ProjectionWeights(
-            _weight(m.q_proj),
-            _weight(m.k_proj),
-            _weight(m.v_proj),
-            _weight(m.o_proj),
-            self.n_heads,
-            self.n_kv_heads,
-            self.head_dim,
-        )
+        return self.finder.weights(self.n_heads, self.n_kv_heads, self.head_dim)
 
     def attention_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
-        return _hidden_states(args, kwargs)
+        x = kwargs.get("hidden_states")
+        if isinstance(x, Tensor):
+            return x
+        return args[0] if args and isinstance(args[0], Tensor) else None
 
-    def handle(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        ctx: CallContext,
+    def on_install(self) -> None:
+        if self._patch_key is None:
+            self._patch_key = patch_module_globals(self.module)
+
+    def on_uninstall(self) -> None:
+        if self._patch_key is not None:
+            unpatch_module_globals(self._patch_key)
+            self._patch_key = None
+
+    def run_kernel(
+        self, fn: KernelFn, impl: str, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: CallContext
     ) -> Any:
-        """As the base class, but undoes HF's ``pack_gqa`` (one-token decoding with GQA, query packed to
-        ``[B, H_kv, H/H_kv, d]``) before measuring, so rows stay ``[B, H, 1]``."""
-        if func is not F.scaled_dot_product_attention or not ctx.recording or self.n_kv_heads == self.n_heads:
-            return super().handle(func, types, args, kwargs, ctx)
-        b = dict(zip(("query", "key", "value", "attn_mask"), args))
-        b.update(kwargs)
-        q, k = b["query"], b["key"]
-        n_rep = self.n_heads // self.n_kv_heads
-        if not (
-            q.dim() == 4
-            and q.shape[1] == self.n_kv_heads
-            and q.shape[2] == n_rep
-            and k.shape[1] == q.shape[1]
-        ):
-            return super().handle(func, types, args, kwargs, ctx)
-        mask = b.get("attn_mask")
-        if (
-            isinstance(mask, Tensor)
-            and mask.dim() == 4
-            and mask.shape[1] == self.n_kv_heads
-            and mask.shape[2] == n_rep
-        ):
-            mask = mask.reshape(mask.shape[0], self.n_heads, 1, mask.shape[-1])
-        logits, pos = sdpa_sampled_logits(
-            q.reshape(q.shape[0], self.n_heads, 1, q.shape[-1]), k, ctx, attn_mask=mask, scale=b.get("scale")
-        )
-        ctx.record_logits(logits, pos)
-        ctx.recording = False  # measured; the base class now only applies the temperature
-        try:
-            return super().handle(func, types, args, kwargs, ctx)
-        finally:
-            ctx.recording = True
-
-
-@register_adapter
-class HFBertAttentionAdapter(DualRouteAdapter):
-    """BERT-family ``BertAttention`` (BERT, RoBERTa, ...): ``self.query/key/value`` + ``output.dense``,
-    post-LN."""
-
-    kind: ClassVar[str] = "hf_bert"
-    priority: ClassVar[int] = 10
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        if not (_from_transformers(module) and type(module).__name__.endswith("Attention")):
-            return False
-        inner = getattr(module, "self", None)
-        out = getattr(module, "output", None)
-        return (
-            isinstance(inner, nn.Module)
-            and all(isinstance(getattr(inner, n, None), nn.Linear) for n in ("query", "key", "value"))
-            and isinstance(getattr(out, "dense", None), nn.Linear)
-            and isinstance(getattr(inner, "num_attention_heads", None), int)
-            and not getattr(module, "is_cross_attention", False)
-        )
-
-    def __init__(self, module: nn.Module, name: str) -> None:
-        super().__init__(module, name)
-        m: Any = module
-        inner = m.self
-        self.n_heads = self.n_kv_heads = int(inner.num_attention_heads)
-        self.head_dim = int(inner.attention_head_size)
-
-    @property
-    def norm_placement(self) -> str | None:
-        return "post"
-
-    def projection_weights(self) -> ProjectionWeights:
-        m: Any = self.module
-        inner = m.self
-        return ProjectionWeights(
-            _weight(inner.query),
-            _weight(inner.key),
-            _weight(inner.value),
-            _weight(m.output.dense),
-            self.n_heads,
-            self.n_kv_heads,
-            self.head_dim,
-        )
-
-    def attention_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
-        return _hidden_states(args, kwargs)
+        """One kernel call of the module: record the sampled rows (when recording), apply the temperature."""
+        bound = _bind(fn, args, kwargs)
+        q, k = bound["query"], bound["key"]
+        if isinstance(q, Tensor) and q.dim() == 4 and isinstance(k, Tensor) and k.dim() == 4:
+            self.n_heads, self.n_kv_heads, self.head_dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[-1])
+            if ctx.recording and not torch.compiler.is_compiling():
+                try:
+                    with torch.no_grad():
+                        logits, pos = interface_sampled_logits(impl, bound, ctx)
+                    ctx.record_logits(logits, pos)
+                except Exception as err:  # never break training over a measurement
+                    ctx.fail(err)
+            if ctx.apply_temperature:
+                inv = ctx.inv_tau_on(q.device)
+                bound["query"] = q * inv.to(q.dtype)
+                bias = bound.get("position_bias")
+                if isinstance(bias, Tensor):
+                    bound["position_bias"] = bias * inv.to(bias.dtype)
+                sinks = bound.get("s_aux")
+                if isinstance(sinks, Tensor):
+                    bound["s_aux"] = sinks * inv.to(sinks.dtype)
+                if bound.get("softcap") is not None:
+                    # c' tanh(x' / c') with x' = x / tau and c' = c / tau is (c tanh(x / c)) / tau
+                    bound["softcap"] = float(bound["softcap"]) * ctx.inv_tau_float
+        ctx.done = True
+        head = [bound.pop(n) for n in ("module", "query", "key", "value", "attention_mask")]
+        return fn(*head, **bound)

@@ -4,12 +4,14 @@ Framework-free: works with plain PyTorch, Fabric or Lightning (the Lightning cal
 
 How it observes: while ``probe.capture()`` is open (or while a temperature != 1 is set), every found attention
 module carries a forward pre-hook and a forward hook. The pre-hook pushes a ``TorchFunctionMode`` that is
-active
-only while that module's forward runs; the mode hands the module's attention kernel call (chosen by its
-adapter's
-route) to the adapter, which records the sampled rows' logits and applies the temperature. The post-hook pops
-the mode. Outside ``capture()`` and at tau == 1 no hook is installed, so the model runs exactly as without a
-probe.
+active only while that module's forward runs; the mode hands the module's attention kernel call (chosen by its
+adapter's route) to the adapter, which records the sampled rows' logits and applies the temperature. The
+post-hook pops the mode. Outside ``capture()`` and at tau == 1 no hook is installed, so the model runs exactly
+as without a probe.
+
+HF modules (route ``"interface"``) need no mode: the names of the attention interface in their modeling file
+are wrapped while hooks are installed (see :mod:`thetascope.capture.hf`), and the wrapper hands each kernel
+call of a module with an active context to its adapter.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from thetascope.capture import hf
 from thetascope.capture.adapters import AttentionAdapter, adapter_for
-from thetascope.capture.records import LayerRecord
+from thetascope.capture.records import LayerRecord, row_max_logit
 
 __all__ = ["AttentionProbe"]
 
@@ -49,6 +52,43 @@ def _looks_like_attention(module: nn.Module) -> bool:
     if "dropout" in name or _is_norm(module):
         return False
     return ("attention" in name or name.endswith("attn")) and any(True for _ in module.parameters())
+
+
+def _cat_rows(old: Tensor, new: Tensor, fill: float = float("nan")) -> Tensor:
+    """Join ``[B', H', R]`` row tensors of two kernel calls along the rows, padding dims 0-1 with ``fill``."""
+    b, h = max(old.shape[0], new.shape[0]), max(old.shape[1], new.shape[1])
+
+    def pad(x: Tensor) -> Tensor:
+        if x.shape[:2] == (b, h):
+            return x
+        out = torch.full((b, h, x.shape[2]), fill, dtype=x.dtype, device=x.device)
+        out[: x.shape[0], : x.shape[1]] = x
+        return out
+
+    return torch.cat([pad(old), pad(new.to(old.device))], dim=2)
+
+
+_CROSS_NAMES = ("encoder_attn", "encdecattention", "crossattention", "cross_attn", "cross_attention", "xattn")
+
+
+def _is_cross(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    if getattr(module, "is_cross_attention", False) is True:
+        return True
+    last = name.rpartition(".")[2].lower()
+    if any(c in last for c in _CROSS_NAMES):
+        return True
+    return last == "multihead_attn" and isinstance(parent, nn.TransformerDecoderLayer)
+
+
+def _stack_root(name: str) -> tuple[str, str] | None:
+    """``(path up to the first encoder/decoder component, "encoder" | "decoder")`` or None."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        low = p.lower()
+        for label in ("encoder", "decoder"):
+            if low == label or low.endswith("_" + label):
+                return ".".join(parts[: i + 1]), label
+    return None
 
 
 class _KernelMode(TorchFunctionMode):
@@ -90,7 +130,23 @@ class _LayerContext:
         self.adapter = adapter
         self.done = False
         self.recording = False
+        self.recorded_in = -1  # the capture number of this layer's last recorded kernel call
         self.modes: list[_KernelMode] = []
+
+    def fail(self, err: Exception) -> None:
+        self.probe._fail_layer(self, err)
+
+    @property
+    def inv_tau_float(self) -> float:
+        return 1.0 / self.probe._tau
+
+    def run_interface(
+        self, fn: Callable[..., Any], impl: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """The handler of the generic HF route for this layer's module."""
+        adapter = self.adapter
+        assert isinstance(adapter, hf.HFAttentionAdapter)
+        return adapter.run_kernel(fn, impl, args, kwargs, self)
 
     @property
     def apply_temperature(self) -> bool:
@@ -118,10 +174,11 @@ class AttentionProbe:
 
     Discovery walks the module tree in registration order (depth order for the usual block lists), tries the
     registered adapters by priority (:func:`thetascope.capture.adapters.register_adapter`) and does not
-    descend
-    into a matched module. Built-in adapters: HF transformers GPT-2, Llama-family (Llama, Mistral, Qwen2 ...),
-    BERT-family (BERT, RoBERTa ...) with ``eager`` and ``sdpa`` attention, nanoGPT-style modules calling
-    ``F.scaled_dot_product_attention``, and (when present) torch ``nn.MultiheadAttention`` and timm ViT.
+    descend into a matched module. Built-in adapters: every HF transformers attention module that calls the
+    attention interface (eager, sdpa, flex_attention, flash, registered kernels; see
+    :mod:`thetascope.capture.hf`), nanoGPT-style modules calling ``F.scaled_dot_product_attention``, torch
+    ``nn.MultiheadAttention`` and (when present) timm ViT. Encoder-decoder models get ``stack`` and
+    ``attention`` per layer and ``index`` within each stack.
 
     Args:
         model: the model (an ``nn.Module``; a ``torch.compile`` wrapper is unwrapped to ``_orig_mod``).
@@ -181,7 +238,8 @@ class AttentionProbe:
                 )
             heads = list(range(heads))  # type: ignore[arg-type]
         elif heads is not None:
-            if isinstance(heads, (str, bytes)) or not all(is_int(h) for h in heads):  # type: ignore[union-attr]
+            seq: Any = heads
+            if isinstance(seq, (str, bytes)) or not all(is_int(h) for h in seq):
                 raise ValueError(
                     f"heads must be a positive int, a sequence of head indices or None, got {heads!r}"
                 )
@@ -206,6 +264,8 @@ class AttentionProbe:
         self._n_captures = 0
         self._gen = torch.Generator()
         self._warned: set[str] = set()
+        self._unobserved: list[str] = []
+        self._unobserved_warned: set[str] = set()
         self.layers: list[LayerRecord] = []
         self._contexts: list[_LayerContext] = []
         self._blocks: dict[str, nn.Module] = {}
@@ -243,9 +303,9 @@ class AttentionProbe:
         if not found:
             raise ValueError(
                 f"AttentionProbe found no attention module in {type(self.model).__name__}. Searched module "
-                f"classes: {sorted(searched)}. Known kinds: HF GPT-2/Llama/BERT families, nanoGPT-style "
-                "modules "
-                "(c_attn/c_proj or q/k/v/o Linear + n_head calling F.scaled_dot_product_attention), "
+                f"classes: {sorted(searched)}. Known kinds: HF transformers modules calling the attention "
+                "interface, nanoGPT-style modules (c_attn/c_proj or q/k/v/o Linear + n_head calling "
+                "F.scaled_dot_product_attention), "
                 "nn.MultiheadAttention, timm ViT. For a custom module, subclass "
                 "thetascope.capture.AttentionAdapter and decorate it with @register_adapter."
             )
@@ -273,7 +333,15 @@ class AttentionProbe:
             if bind_parent is not None:
                 bind_parent(modules.get(name.rpartition(".")[0]) if name else None)
             block_name = self._block_of(name, modules)
-            rec = LayerRecord(name=name, index=i, kind=cls.kind, adapter=adapter, block_name=block_name)
+            parent = modules.get(name.rpartition(".")[0]) if name else None
+            rec = LayerRecord(
+                name=name,
+                index=i,
+                kind=cls.kind,
+                adapter=adapter,
+                block_name=block_name,
+                attention="cross" if _is_cross(name, module, parent) else "self",
+            )
             if adapter.norm_placement is not None:
                 rec.norm_placement = adapter.norm_placement
             if self.heads is not None and max(self.heads) >= adapter.n_heads:
@@ -282,6 +350,38 @@ class AttentionProbe:
             self._contexts.append(_LayerContext(self, rec, adapter))
             if block_name is not None:
                 self._blocks[block_name] = modules[block_name]
+        self._assign_stacks(
+            [(n, _is_cross(n, m, modules.get(n.rpartition(".")[0]) if n else None)) for n, m, _ in found]
+        )
+        missing = [
+            f"{r.name} ({r.adapter.missing_projections_reason})" for r in self.layers if not r.has_weights
+        ]
+        if missing:
+            warnings.warn(
+                "thetascope: projection weights not found for " + ", ".join(missing) + "; theta, entropy, "
+                "max_logit and the attention-input norm are measured there, G_l, S_l and the bound are not.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _assign_stacks(self, found: list[tuple[str, bool]]) -> None:
+        """Encoder-decoder models: ``stack`` per layer and ``index`` in depth order within each stack.
+
+        ``found`` holds ``(name, is_cross)`` of every found layer in depth order (selected or not). A model is
+        split into stacks only when its layers live under exactly one encoder and one decoder module.
+        """
+        roots = [_stack_root(n) for n, _ in found]
+        if None in roots or {r[1] for r in roots if r} != {"encoder", "decoder"} or len(set(roots)) != 2:
+            return  # one stack: index stays the depth order over all found layers
+        where: dict[str, tuple[str, int]] = {}
+        counts: dict[str, int] = {}
+        for (name, cross), root in zip(found, roots):
+            assert root is not None
+            stack = "decoder_cross" if root[1] == "decoder" and cross else root[1]
+            where[name] = (stack, counts.get(stack, 0))
+            counts[stack] = where[name][1] + 1
+        for r in self.layers:
+            r.stack, r.index = where[r.name]
 
     @staticmethod
     def _block_of(name: str, modules: dict[str, nn.Module]) -> str | None:
@@ -327,18 +427,41 @@ class AttentionProbe:
         theta = balanced_mass_factor(probs, exact_top=self.exact_top, validate=False)
         nan = torch.tensor(float("nan"), device=logits.device)
         rec = ctx.layer
-        rec.theta = ThetaBounds(torch.where(bad, nan, theta.lower), torch.where(bad, nan, theta.upper))
-        rec.entropy = torch.where(bad, nan, attention_entropy(probs))
+        lower, upper = torch.where(bad, nan, theta.lower), torch.where(bad, nan, theta.upper)
+        entropy = torch.where(bad, nan, attention_entropy(probs))
+        max_logit = torch.where(bad, nan, row_max_logit(logits))
+        n_masked, n_nonfinite = masked.sum(), nonfinite.sum()
+        if ctx.recorded_in == self._n_captures and rec.theta is not None:
+            # A further kernel call of this module in the same capture: its rows join the earlier ones.
+            assert rec.entropy is not None
+            assert rec.max_logit is not None
+            assert rec.query_positions is not None
+            assert rec.n_masked_rows is not None
+            assert rec.n_nonfinite_rows is not None
+            lower = _cat_rows(rec.theta.lower, lower)
+            upper = _cat_rows(rec.theta.upper, upper)
+            entropy = _cat_rows(rec.entropy, entropy)
+            max_logit = _cat_rows(rec.max_logit, max_logit)
+            pos = _cat_rows(rec.query_positions, pos, fill=-1)
+            n_masked = n_masked + rec.n_masked_rows
+            n_nonfinite = n_nonfinite + rec.n_nonfinite_rows
+            rec.n_kernel_calls += 1
+        else:
+            ctx.recorded_in = self._n_captures
+            rec.n_captures += 1
+            rec.n_kernel_calls = 1
+        rec.theta = ThetaBounds(lower, upper)
+        rec.entropy = entropy
+        rec.max_logit = max_logit
         rec.query_positions = pos
-        rec.batch_index = torch.arange(logits.shape[0], device=logits.device)
+        rec.batch_index = torch.arange(pos.shape[0], device=logits.device)
         rec.head_index = (
-            torch.arange(logits.shape[1], device=logits.device)
+            torch.arange(pos.shape[1], device=logits.device)
             if self.heads is None
             else torch.tensor(self.heads, dtype=torch.long).to(logits.device)
         )
-        rec.n_masked_rows = masked.sum()
-        rec.n_nonfinite_rows = nonfinite.sum()
-        rec.n_captures += 1
+        rec.n_masked_rows = n_masked
+        rec.n_nonfinite_rows = n_nonfinite
 
     # ---------------------------------------------------------------------------------------------- hooks
     def _install(self, purpose: str) -> None:
@@ -350,6 +473,8 @@ class AttentionProbe:
             if hasattr(ctx.adapter, "on_install"):  # optional hook (torch_mha: MHA fast path off)
                 ctx.adapter.on_install()
             module = ctx.adapter.module
+            if ctx.adapter.route == "interface":
+                hf.activate(module, ctx.run_interface)
             self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(ctx), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._make_post_hook(ctx), always_call=True))
 
@@ -358,6 +483,8 @@ class AttentionProbe:
             h.remove()
         self._handles.clear()
         for ctx in self._contexts:
+            if ctx.adapter.route == "interface":
+                hf.deactivate(ctx.adapter.module)
             if hasattr(ctx.adapter, "on_uninstall"):
                 ctx.adapter.on_uninstall()
         self._installed_for = None
@@ -375,25 +502,19 @@ class AttentionProbe:
                     self._on_attention_start(ctx, args, kwargs)
                 except Exception as err:
                     self._fail_layer(ctx, err)
-            mode = _KernelMode(ctx)
-            mode.__enter__()
-            ctx.modes.append(mode)
+            if ctx.adapter.route != "interface":  # the interface route is reached through its own wrapper
+                mode = _KernelMode(ctx)
+                mode.__enter__()
+                ctx.modes.append(mode)
 
         return pre_hook
 
     def _make_post_hook(self, ctx: _LayerContext) -> Callable[..., None]:
         def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if ctx.modes:
+            if ctx.modes and ctx.adapter.route != "interface":
                 ctx.modes.pop().__exit__(None, None, None)
-            if ctx.recording and not ctx.done:
-                self._warn_once(
-                    f"nokernel:{ctx.layer.name}",
-                    f"thetascope: no attention kernel ({ctx.adapter.route!r} route) was observed in "
-                    f"{ctx.layer.name} ({type(module).__name__}); theta was not measured there. Fused "
-                    "kernels other than F.scaled_dot_product_attention (e.g. flash_attention_2, "
-                    "flex_attention) cannot be observed: use attn_implementation='sdpa' or 'eager', or "
-                    "capture on the uncompiled module.",
-                )
+            if ctx.recording and not ctx.done and ctx.layer.name not in self._unobserved_warned:
+                self._unobserved.append(f"{ctx.layer.name} ({type(module).__name__})")
             ctx.recording = False
 
         return post_hook
@@ -446,11 +567,28 @@ class AttentionProbe:
                 )
             for h in extra:
                 h.remove()
+            self._warn_unobserved()
             self._finish_norm_placement()
             if self._temp_on:  # the temperature (possibly changed inside the block) keeps its hooks
                 self._installed_for = "temperature"
             else:
                 self._uninstall()
+
+    def _warn_unobserved(self) -> None:
+        if not self._unobserved:
+            return
+        self._unobserved_warned.update(n.partition(" (")[0] for n in self._unobserved)
+        warnings.warn(
+            "thetascope: no attention kernel was observed in "
+            + ", ".join(self._unobserved)
+            + "; theta was not measured there. The module's kernel is invisible to the probe (e.g. a custom "
+            "CUDA kernel called directly). Remedy: run it through a kernel the probe sees "
+            "(attn_implementation='sdpa' or 'eager' for transformers models, F.scaled_dot_product_attention "
+            "for your own), or register an adapter (thetascope.capture.register_adapter).",
+            UserWarning,
+            stacklevel=3,
+        )
+        self._unobserved = []
 
     def _install_block_hooks(self) -> list[RemovableHandle]:
         from thetascope.functional.norms import max_token_norm

@@ -1,22 +1,37 @@
 """Plain data returned by the attention probe: projection weights and per-layer records.
 
 Weights use the ``nn.Linear`` layout ``[out_features, in_features]`` (``y = x @ W.T``); adapters transpose
-other
-layouts (GPT-2 ``Conv1D``) before building a :class:`ProjectionWeights`.
+other layouts (GPT-2 ``Conv1D``) before building a :class:`ProjectionWeights`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from thetascope.capture.adapters import AttentionAdapter
     from thetascope.functional.theta import ThetaBounds
 
-__all__ = ["LayerRecord", "ProjectionWeights"]
+__all__ = ["LayerRecord", "ProjectionWeights", "row_max_logit"]
+
+
+def row_max_logit(logits: Tensor) -> Tensor:
+    """The largest finite logit of each row ``[..., Lk] -> [...]`` (NaN where no entry is finite).
+
+    ``-inf`` (masked) entries never win; a row with a ``+inf`` or NaN entry gives NaN.
+
+    Example:
+        >>> row_max_logit(torch.tensor([[1.0, float("-inf"), 3.0], [float("-inf")] * 3]))
+        tensor([3., nan])
+    """
+    out = logits.amax(dim=-1)
+    bad = torch.isneginf(out) | torch.isnan(logits).any(dim=-1) | torch.isposinf(out)
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 @dataclass
@@ -85,13 +100,15 @@ class LayerRecord:
 
     ``stack`` names the stack a layer belongs to in models with several (``"encoder"``, ``"decoder"``,
     ``"decoder_cross"``), ``None`` in single-stack models; ``index`` is the depth order within its stack.
-    ``attention`` is ``"self"`` or ``"cross"``.
+    ``attention`` is ``"self"`` or ``"cross"``. A module that calls its attention kernel several times in one
+    forward (or runs several times) has the rows of every call of the capture joined along the row axis
+    (``n_kernel_calls`` counts them).
     """
 
     name: str
     index: int
     kind: str
-    adapter: Any = field(repr=False)
+    adapter: AttentionAdapter = field(repr=False)
     block_name: str | None = None
     stack: str | None = None
     attention: str = "self"
@@ -107,6 +124,7 @@ class LayerRecord:
     n_nonfinite_rows: Tensor | None = None
     norm_placement: str | None = None
     n_captures: int = 0
+    n_kernel_calls: int = 0
     disabled: bool = False
     _weights_fn: Callable[[], ProjectionWeights] | None = field(default=None, repr=False)
 
@@ -117,9 +135,14 @@ class LayerRecord:
         return self.adapter.projection_weights()
 
     @property
+    def has_weights(self) -> bool:
+        """Whether :meth:`weights` can give the projections (False: G_l, S_l and the bound are not known)."""
+        return self._weights_fn is not None or bool(getattr(self.adapter, "has_projections", True))
+
+    @property
     def path_length_m(self) -> int:
         """Multiplicative maps on the sensitive path (Thm 6.2): 3 when W_Q and W_K are shared, else 4."""
-        return 3 if self.weights().shared_qk else 4
+        return 3 if self.has_weights and self.weights().shared_qk else 4
 
     @property
     def n_heads(self) -> int:
