@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.helpers.ddp import run_ddp
+from tests.monitors.test_attention_core import _batch, _model
 from thetascope.functional.theta import ThetaBounds
 from thetascope.functional.theta_stats import _theta_compute, _theta_update, quantile_key
 from thetascope.monitors._collective import PackedValues, distributed_all_gather, reduce_packed
@@ -17,21 +18,6 @@ from thetascope.monitors.attention import THETA_QUANTILES
 pytestmark = pytest.mark.ddp
 
 QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.9)
-
-
-def _model() -> torch.nn.Module:
-    from tests.callbacks._models import make_model
-
-    torch.manual_seed(0)
-    model = make_model("demo-pre", n_layer=2)
-    with torch.no_grad():  # sharper attention than at init, so theta is spread out
-        for block in model.transformer["h"]:
-            block.attn.c_attn.weight.mul_(15.0)
-    return model
-
-
-def _batch() -> torch.Tensor:
-    return torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
 
 
 def _core_values(part: slice, all_gather: Any) -> dict[str, float]:

@@ -28,7 +28,7 @@ from thetascope.capture.registry import shared_probe
 from thetascope.functional.spectral import SpectralNormEstimator
 from thetascope.keys import CARD_PREFIX, LOG_MODES, TEMPERATURE_FIELD
 from thetascope.monitors._guard import FailureGuard
-from thetascope.monitors.attention import AttentionMonitor, check_attention_args
+from thetascope.monitors.attention import AttentionMonitor, AttentionSettings
 from thetascope.report.heatmap import HeatmapHistory
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["AttentionSensitivityMonitor"]
 
 
-class AttentionSensitivityMonitor(Callback):
+class AttentionSensitivityMonitor(AttentionSettings, Callback):
     """Measure the attention of the current training batch every ``every_n_steps`` optimizer steps.
 
     On a measurement step (``global_step % every_n_steps == 0``, counted in optimizer steps, so never on a
@@ -99,7 +99,7 @@ class AttentionSensitivityMonitor(Callback):
         #: The diagnosis of the run, set at fit end on global rank zero (None elsewhere).
         self.diagnosis: Any = None
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
-        self._settings = check_attention_args(
+        self._configure(
             rows_per_head=rows_per_head,
             exact_top=exact_top,
             layers=layers,
@@ -108,13 +108,6 @@ class AttentionSensitivityMonitor(Callback):
             prefix=prefix,
             strict=strict,
         )
-        self.rows_per_head: int = self._settings["rows_per_head"]
-        self.exact_top: int = self._settings["exact_top"]
-        self.layers: str | list[int] = self._settings["layers"]
-        self.batch_size: int | None = self._settings["batch_size"]
-        self.power_iters: int | None = self._settings["power_iters"]
-        self.prefix: str = self._settings["prefix"]
-        self.strict: bool = self._settings["strict"]
         self.prog_bar = check_bool("prog_bar", prog_bar)
         self.log_heatmap = check_bool("log_heatmap", log_heatmap)
         self.guard = FailureGuard(type(self).__name__, self.strict)
@@ -164,10 +157,8 @@ class AttentionSensitivityMonitor(Callback):
                 )
             self.guard.disable_agreed(["probe"])
             return
-        old, settings = self.core, {k: v for k, v in self._settings.items() if k != "strict"}
-        self.core = AttentionMonitor(
-            pl_module, **settings, strict=self.strict, guard=self.guard
-        )  # bad layers raise
+        old = self.core
+        self.core = AttentionMonitor(pl_module, **self._settings(), guard=self.guard)  # bad layers= raise
         if old is not None:  # a second fit: the power-iteration vectors carry over
             self.core.estimator.load_state_dict(old.estimator.state_dict())
         if self._pending_state is not None:
@@ -175,7 +166,11 @@ class AttentionSensitivityMonitor(Callback):
             self.core.load_state_dict(state)
 
     def _probe_settings(self) -> dict[str, Any]:
-        return {k: self._settings[k] for k in ("rows_per_head", "batch_size", "exact_top")}
+        return {
+            "rows_per_head": self.rows_per_head,
+            "batch_size": self.batch_size,
+            "exact_top": self.exact_top,
+        }
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from thetascope.capture.probe import AttentionProbe
     from thetascope.capture.records import LayerRecord
 
-__all__ = ["AttentionMonitor", "check_attention_args", "layer_name"]
+__all__ = ["AttentionMonitor", "AttentionSettings", "layer_name"]
 
 #: Quantiles of the theta midpoints that are logged (``theta_p10``); exact across ranks (a summed histogram).
 THETA_QUANTILES: tuple[float, ...] = (0.1,)
@@ -74,32 +74,47 @@ def layer_name(rec: LayerRecord) -> str:
     return f"{rec.stack}/{base}" if rec.stack else base
 
 
-def check_attention_args(
-    *,
-    rows_per_head: Any,
-    exact_top: Any,
-    layers: Any,
-    batch_size: Any,
-    power_iters: Any,
-    prefix: Any,
-    strict: Any,
-) -> dict[str, Any]:
-    """Validate the settings shared by :class:`AttentionMonitor` and its Lightning callback.
+class AttentionSettings:
+    """The validated settings of an attention monitor (the core, or its Lightning callback)."""
 
-    Raises:
-        ValueError: naming the argument and what is allowed.
-    """
-    if isinstance(exact_top, bool) or not isinstance(exact_top, int) or not 1 <= exact_top <= 20:
-        raise ValueError(f"exact_top must be an integer in 1..20, got {exact_top!r}")
-    return {
-        "rows_per_head": check_positive_int("rows_per_head", rows_per_head),
-        "exact_top": exact_top,
-        "layers": check_layers_arg(layers),
-        "batch_size": None if batch_size is None else check_positive_int("batch_size", batch_size),
-        "power_iters": None if power_iters is None else check_positive_int("power_iters", power_iters),
-        "prefix": check_prefix(prefix),
-        "strict": check_bool("strict", strict),
-    }
+    rows_per_head: int
+    exact_top: int
+    layers: str | list[int]
+    batch_size: int | None
+    power_iters: int | None
+    prefix: str
+    strict: bool
+
+    def _configure(
+        self,
+        *,
+        rows_per_head: Any,
+        exact_top: Any,
+        layers: Any,
+        batch_size: Any,
+        power_iters: Any,
+        prefix: Any,
+        strict: Any,
+    ) -> None:
+        """Validate and keep the settings.
+
+        Raises:
+            ValueError: naming the argument and what is allowed.
+        """
+        if isinstance(exact_top, bool) or not isinstance(exact_top, int) or not 1 <= exact_top <= 20:
+            raise ValueError(f"exact_top must be an integer in 1..20, got {exact_top!r}")
+        self.rows_per_head = check_positive_int("rows_per_head", rows_per_head)
+        self.exact_top = exact_top
+        self.layers = check_layers_arg(layers)
+        self.batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
+        self.power_iters = None if power_iters is None else check_positive_int("power_iters", power_iters)
+        self.prefix = check_prefix(prefix)
+        self.strict = check_bool("strict", strict)
+
+    def _settings(self) -> dict[str, Any]:
+        """The settings as keyword arguments of :class:`AttentionMonitor`."""
+        names = ("rows_per_head", "exact_top", "layers", "batch_size", "power_iters", "prefix", "strict")
+        return {name: getattr(self, name) for name in names}
 
 
 def _rank() -> int:
@@ -112,7 +127,7 @@ def _finite_or_nan(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, math.nan)
 
 
-class AttentionMonitor:
+class AttentionMonitor(AttentionSettings):
     """Exact attention sensitivity of every attention layer of ``model``, from one captured forward.
 
     Wrap the forward to be measured in :meth:`capture`, call :meth:`measure` right after it (device tensors,
@@ -180,7 +195,7 @@ class AttentionMonitor:
         strict: bool = False,
         guard: FailureGuard | None = None,
     ) -> None:
-        args = check_attention_args(
+        self._configure(
             rows_per_head=rows_per_head,
             exact_top=exact_top,
             layers=layers,
@@ -189,13 +204,6 @@ class AttentionMonitor:
             prefix=prefix,
             strict=strict,
         )
-        self.rows_per_head: int = args["rows_per_head"]
-        self.exact_top: int = args["exact_top"]
-        self.layers: str | list[int] = args["layers"]
-        self.batch_size: int | None = args["batch_size"]
-        self.power_iters: int | None = args["power_iters"]
-        self.prefix: str = args["prefix"]
-        self.strict: bool = args["strict"]
         self.guard = guard if guard is not None else FailureGuard(type(self).__name__, self.strict)
         self.model = model
         # FSDP2: row shards of the projections, taken in the measured forward (see monitors/_sharded.py)
