@@ -22,6 +22,7 @@ from tests.callbacks._models import (
     trainer,
 )
 from thetascope.callbacks import AttentionSensitivityMonitor, TemperatureWarmup
+from thetascope.keys import layer_key
 from thetascope.monitors.attention import AttentionMonitor
 
 PER_LAYER = (
@@ -136,9 +137,11 @@ def test_real_models(tmp_path: Path, kind: str) -> None:
     t = trainer(tmp_path, [mon], steps=3, logger=None)
     t.fit(LM(kind), token_data(n=16))
     n = 6 if kind == "lightning" else 2  # nn.Transformer: encoder self, decoder self and cross attention
-    for i in range(n):
+    # nn.Transformer: two layers in each of the encoder, decoder and decoder_cross stacks
+    where = [(s, i) for s in ("encoder", "decoder", "decoder_cross") for i in range(2)]
+    for stack, i in where if kind == "lightning" else [(None, i) for i in range(n)]:
         for name in ("theta_max", "attn_input_max_norm", "proj_norm", "sensitivity", "lipschitz_bound"):
-            value = mon.last_values[f"stability/{name}/layer_{i:02d}"]
+            value = mon.last_values[layer_key("stability/", name, i, stack=stack)]
             assert math.isfinite(value)
             assert value >= 0.0
     card = mon.architecture_card()
