@@ -139,3 +139,39 @@ def test_state_round_trip_resumes_row_sampling() -> None:
 def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         AttentionMonitor(_model(), **kwargs)
+
+
+class _WrappedLinear(torch.nn.Module):
+    """A projection behind a wrapper the probe does not recognise as a Linear."""
+
+    def __init__(self, inner: torch.nn.Linear) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_layer_without_found_projections_keeps_theta_and_drops_only_g() -> None:
+    from tests.capture import hf_zoo
+
+    arch = hf_zoo.ARCHS["llama"]
+    model = hf_zoo.build(arch, "eager")
+    attn0 = model.layers[0].self_attn
+    attn0.q_proj = _WrappedLinear(attn0.q_proj)
+    inputs, _ = hf_zoo.inputs(arch, padded=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = AttentionMonitor(model, rows_per_head=8)
+    assert [r.has_weights for r in mon.probe.layers] == [False, True]
+    assert any("layer" in str(w.message).lower() for w in caught)  # said once, at discovery
+    with mon.capture():
+        model(**inputs)
+    got = mon.reduce(mon.measure())
+    for field in ("theta_max", "entropy", "attn_input_max_norm"):
+        assert math.isfinite(got[layer_key("stability/", field, 0)])
+        assert math.isfinite(got[layer_key("stability/", field, 1)])
+    for field in ("proj_norm", "sensitivity", "lipschitz_bound"):
+        assert layer_key("stability/", field, 0) not in got
+        assert math.isfinite(got[layer_key("stability/", field, 1)])
+    assert mon.guard.active("spectral")

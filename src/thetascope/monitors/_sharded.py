@@ -93,6 +93,8 @@ class ShardedProjections:
         self.errors = {}
         handles = []
         for name, rec in layers:
+            if not rec.has_weights:  # no projections found: G_l, S_l and the bound are missing for it
+                continue
 
             def hook(_mod: nn.Module, _args: Any, _out: Any, name: str = name, rec: Any = rec) -> None:
                 try:

@@ -262,7 +262,7 @@ class AttentionMonitor(AttentionSettings):
             # FSDP2: this rank's rows of every matrix; one all-reduce of right vectors per step and shape
             # group. A layer whose rows this rank could not take joins with zero rows (the collectives stay
             # aligned); its failure is agreed at the reduction and its values of this step are dropped.
-            names = [name for name, _ in self._named_layers()]
+            names = [name for name, rec in self._named_layers() if rec.has_weights]
             for name, err in self._sharded.errors.items():
                 self.guard.fail(name, err, _rank())
             shards = self._sharded.mats(names)
@@ -270,7 +270,9 @@ class AttentionMonitor(AttentionSettings):
         mats: dict[str, Tensor] = {}
         for rec in self.probe.layers:
             name = layer_name(rec)
-            if not self.guard.active(name):
+            # a layer whose projections were not found (said once at discovery) keeps theta, entropy and
+            # B-bar; only G_l, S_l and the bound are missing for it
+            if not self.guard.active(name) or not rec.has_weights:
                 continue
             w = rec.weights()
             ph = w.per_head()
@@ -380,7 +382,7 @@ class AttentionMonitor(AttentionSettings):
                 with torch.no_grad():
                     vals = self._layer_stats(rec)
                     theta_head = vals.pop("theta_head", None)
-                    if norms:
+                    if f"{name}/q" in norms:
                         from thetascope.functional.sensitivity import projection_norm_product
 
                         vals["proj_norm"] = projection_norm_product(
