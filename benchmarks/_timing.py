@@ -6,11 +6,12 @@ so runs of different configurations can be paired and interleaved.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,24 @@ class Run:
     peak_bytes: int
 
 
-def quiet() -> None:
-    """Silence Lightning's banners and the warnings of tiny benchmark runs."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Lightning's banners and the warnings of tiny benchmark runs while inside.
+
+    Levels and warning filters are restored on exit: the benchmarks also run inside the test suite, whose
+    later tests check warnings and log records.
+    """
+    names = ("lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def _sync() -> None:

@@ -112,7 +112,11 @@ def main(
     steps: int | None = None, rounds: int | None = None, every: int = EVERY, warmup: int = WARMUP
 ) -> dict[str, float]:
     """Print (and return) the paired ratios described in the module docstring."""
-    quiet()
+    with quiet():
+        return _main(steps, rounds, every, warmup)
+
+
+def _main(steps: int | None, rounds: int | None, every: int, warmup: int) -> dict[str, float]:
     steps = steps or int(os.environ.get("BENCH_STEPS", STEPS))
     rounds = rounds or int(os.environ.get("BENCH_ROUNDS", ROUNDS))
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", THREADS)))

@@ -232,7 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (automatic without CUDA)")
     args = parser.parse_args(argv)
-    quiet()
+    with quiet():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     cuda = torch.cuda.is_available()
     small = args.small or not cuda
     device = torch.device("cuda" if cuda else "cpu")
