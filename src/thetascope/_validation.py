@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "check_bool",
+    "check_choice",
     "check_layers_arg",
     "check_open_fraction",
     "check_positive_float",
@@ -25,6 +26,13 @@ def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is a ``bool``, else ``ValueError`` naming it."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``allowed``, else ``ValueError`` naming the argument and ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
 
 

@@ -169,15 +169,20 @@ SIGNAL_LAYER_FIELDS: tuple[str, ...] = ("apjn", "apjn_stderr")
 #: Per-module fields of tanh-like normalisers (DyT, Derf): ``{field}/{name in block}/layer_XX``, or
 #: ``{field}/{module name}`` outside the blocks.
 SIGNAL_NORM_FIELDS: tuple[str, ...] = ("norm_alpha", "norm_saturation")
-#: Run-level fields, each logged as ``signal/{field}``: the depth fits of the APJN profile and the verdict
-#: (-1 subcritical, 0 critical, 1 supercritical), plus the overall saturation fraction.
-SIGNAL_FIELDS: tuple[str, ...] = (
+#: The fields of :class:`~thetascope.functional.depth_fit.DepthFit` logged as ``signal/{field}``: the
+#: power-law and stretched-exponential fits of the APJN depth profile and how well each explains it.
+SIGNAL_FIT_FIELDS: tuple[str, ...] = (
     "power_exponent",
     "power_r2",
     "stretched_beta",
     "stretched_rate",
     "stretched_r2",
     "rmse_ratio",
+)
+#: Run-level fields, each logged as ``signal/{field}``: the depth fits of the APJN profile and the verdict
+#: (-1 subcritical, 0 critical, 1 supercritical), plus the overall saturation fraction.
+SIGNAL_FIELDS: tuple[str, ...] = (
+    *SIGNAL_FIT_FIELDS,
     "verdict",
     "apjn_last",
     "norm_saturation",
@@ -185,7 +190,8 @@ SIGNAL_FIELDS: tuple[str, ...] = (
 #: The architecture-card line of the signal verdict (numeric code as above; logged without the prefix).
 SIGNAL_CARD_KEY = "card/signal_verdict"
 
-__all__ += ["SIGNAL_CARD_KEY", "SIGNAL_FIELDS", "SIGNAL_LAYER_FIELDS", "SIGNAL_NORM_FIELDS"]
+__all__ += ["SIGNAL_CARD_KEY", "SIGNAL_FIELDS", "SIGNAL_FIT_FIELDS", "SIGNAL_LAYER_FIELDS"]
+__all__ += ["SIGNAL_NORM_FIELDS"]
 # ---------------------------------------------------------------------------------------------- curvature
 __all__ += ["CURVATURE_FIELDS", "CURVATURE_HEADLINE", "CURVATURE_LAYER_FIELDS", "CURVATURE_SUBLAYER_TYPES"]
 __all__ += ["trace_type_key"]

@@ -10,10 +10,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
+from thetascope._validation import check_choice, check_positive_int
 from thetascope.callbacks._loggers import write_images, write_scalars
-from thetascope.keys import DEFAULT_PREFIX, headline_only
+from thetascope.keys import DEFAULT_PREFIX, LOG_MODES, headline_only
 from thetascope.monitors._collective import AllGather, PackedValues, reduce_packed
 
 if TYPE_CHECKING:
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FSDP2_ADVICE",
+    "DiagnosedCallback",
+    "StateCheckedCallback",
     "fit_end_diagnosis",
     "gather_host_ints",
     "gather_reduce",
@@ -244,3 +249,30 @@ def gather_host_ints(trainer: pl.Trainer, values: Sequence[int]) -> list[list[in
     vec = torch.tensor(list(values), dtype=torch.float32, device=trainer.strategy.root_device)
     gathered = trainer.strategy.all_gather(vec).reshape(trainer.world_size, -1)
     return [[int(v) for v in row] for row in gathered.cpu().tolist()]
+
+
+class StateCheckedCallback(Callback):
+    """A callback that warns when a checkpoint it resumes from holds no state for it."""
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        warn_if_state_missing(self, checkpoint)
+
+
+class DiagnosedCallback(StateCheckedCallback):
+    """A measuring callback with ``every_n_steps``, ``log="all"|"summary"`` and the diagnosis at fit end."""
+
+    prefix: str
+
+    def _init_schedule(self, every_n_steps: Any, log: Any) -> None:
+        """Validate and keep ``log`` and ``every_n_steps``; no diagnosis yet."""
+        self.log_mode = check_choice("log", log, LOG_MODES)
+        #: The diagnosis of the run, set at fit end on global rank zero (None elsewhere).
+        self.diagnosis: Any = None
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.diagnosis = fit_end_diagnosis(trainer, self.prefix)

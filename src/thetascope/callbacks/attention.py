@@ -7,26 +7,24 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from thetascope._validation import check_bool, check_positive_int
+from thetascope._validation import check_bool
 from thetascope.callbacks._lightning import (
-    fit_end_diagnosis,
+    DiagnosedCallback,
     gather_host_ints,
     log_images,
     log_to_loggers,
     publish_callback_metrics,
     refuse_sharded,
     trainer_all_gather,
-    warn_if_state_missing,
     warn_unreadable_state,
 )
 from thetascope.capture.registry import shared_probe
 from thetascope.functional.spectral import SpectralNormEstimator
-from thetascope.keys import CARD_PREFIX, LOG_MODES, TEMPERATURE_FIELD
+from thetascope.keys import CARD_PREFIX, TEMPERATURE_FIELD
 from thetascope.monitors._guard import FailureGuard
 from thetascope.monitors.attention import AttentionMonitor, AttentionSettings
 from thetascope.report.heatmap import HeatmapHistory
@@ -37,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["AttentionSensitivityMonitor"]
 
 
-class AttentionSensitivityMonitor(AttentionSettings, Callback):
+class AttentionSensitivityMonitor(AttentionSettings, DiagnosedCallback):
     """Measure the attention of the current training batch every ``every_n_steps`` optimizer steps.
 
     On a measurement step (``global_step % every_n_steps == 0``, counted in optimizer steps, so never on a
@@ -93,12 +91,7 @@ class AttentionSensitivityMonitor(AttentionSettings, Callback):
         log: str = "all",
     ) -> None:
         super().__init__()
-        if log not in LOG_MODES:
-            raise ValueError(f"log must be one of {LOG_MODES}, got {log!r}")
-        self.log_mode = log
-        #: The diagnosis of the run, set at fit end on global rank zero (None elsewhere).
-        self.diagnosis: Any = None
-        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self._init_schedule(every_n_steps, log)
         self._configure(
             rows_per_head=rows_per_head,
             exact_top=exact_top,
@@ -171,10 +164,6 @@ class AttentionSensitivityMonitor(AttentionSettings, Callback):
             "batch_size": self.batch_size,
             "exact_top": self.exact_top,
         }
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.diagnosis = fit_end_diagnosis(trainer, self.prefix)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -289,12 +278,6 @@ class AttentionSensitivityMonitor(AttentionSettings, Callback):
         else:
             core_state = {"spectral": SpectralNormEstimator().state_dict(), "probe_captures": None}
         return {**core_state, "last_step": self._last_step, "card_logged": self._card_logged}
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        warn_if_state_missing(self, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

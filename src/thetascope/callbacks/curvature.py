@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
@@ -16,10 +15,10 @@ from typing_extensions import override
 
 from thetascope._validation import check_positive_int
 from thetascope.callbacks._lightning import (
+    StateCheckedCallback,
     log_to_loggers,
     publish_callback_metrics,
     trainer_all_gather,
-    warn_if_state_missing,
     warn_unreadable_state,
 )
 from thetascope.keys import DEFAULT_PREFIX
@@ -38,7 +37,7 @@ _BACKEND_TEXT = {
 }
 
 
-class CurvatureMonitor(Callback):
+class CurvatureMonitor(StateCheckedCallback):
     """Sharpness of the training loss against the optimizer's edge-of-stability threshold, and where it lives.
 
     Every ``every_n_steps`` optimizer steps (``global_step % every_n_steps == 0``; never on accumulation
@@ -231,12 +230,6 @@ class CurvatureMonitor(Callback):
         if self.batch_source == "fixed" and self._probe_batch is not None:
             state["probe_batch"] = move_data_to_device(self._probe_batch, torch.device("cpu"))
         return state
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        warn_if_state_missing(self, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

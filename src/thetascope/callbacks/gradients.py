@@ -7,26 +7,23 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from thetascope import keys
-from thetascope._validation import check_bool, check_positive_int
+from thetascope._validation import check_bool, check_choice
 from thetascope.callbacks._lightning import (
-    fit_end_diagnosis,
+    DiagnosedCallback,
     log_images,
     log_to_loggers,
     publish_callback_metrics,
     refuse_sharded,
     trainer_all_gather,
-    warn_if_state_missing,
     warn_unreadable_state,
 )
 from thetascope.functional.spikes import SpikeDetector
-from thetascope.keys import LOG_MODES
 from thetascope.monitors._guard import FailureGuard
 from thetascope.monitors.gradient import GradientFlowCore
 from thetascope.report.heatmap import HeatmapHistory
@@ -37,7 +34,7 @@ __all__ = ["SPIKE_ACTIONS", "GradientFlowMonitor"]
 SPIKE_ACTIONS: tuple[str, ...] = ("warn", "stop", "none")
 
 
-class GradientFlowMonitor(Callback):
+class GradientFlowMonitor(DiagnosedCallback):
     """Per-layer gradient norms (unscaled, before clipping), their depth profile, and gradient/loss spikes.
 
     On measurement steps (``global_step % every_n_steps == 0``: optimizer steps, never gradient-accumulation
@@ -91,15 +88,8 @@ class GradientFlowMonitor(Callback):
         log: str = "all",
     ) -> None:
         super().__init__()
-        if log not in LOG_MODES:
-            raise ValueError(f"log must be one of {LOG_MODES}, got {log!r}")
-        self.log_mode = log
-        #: The diagnosis of the run, set at fit end on global rank zero (None elsewhere).
-        self.diagnosis: Any = None
-        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
-        if spike_action not in SPIKE_ACTIONS:
-            raise ValueError(f"spike_action must be one of {list(SPIKE_ACTIONS)}, got {spike_action!r}")
-        self.spike_action = spike_action
+        self._init_schedule(every_n_steps, log)
+        self.spike_action = check_choice("spike_action", spike_action, list(SPIKE_ACTIONS))
         self.log_heatmap = check_bool("log_heatmap", log_heatmap)
         self.core = GradientFlowCore(
             None,
@@ -151,10 +141,6 @@ class GradientFlowMonitor(Callback):
         refuse_sharded(trainer, type(self).__name__, "gradient", fsdp2=True)
         self.core.rank = trainer.global_rank
         self.core.bind(pl_module)
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.diagnosis = fit_end_diagnosis(trainer, self.prefix)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -235,9 +221,3 @@ class GradientFlowMonitor(Callback):
             self._last_step = -1
             return
         self._last_step = last
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        warn_if_state_missing(self, checkpoint)

@@ -7,18 +7,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from thetascope._validation import check_positive_int
 from thetascope.callbacks._lightning import (
+    StateCheckedCallback,
     log_to_loggers,
     publish_callback_metrics,
     refuse_sharded,
     trainer_all_gather,
-    warn_if_state_missing,
     warn_unreadable_state,
 )
 from thetascope.keys import DEFAULT_PREFIX
@@ -49,7 +48,7 @@ def _default_forward(module: pl.LightningModule, batch: Any) -> Any:
     return module(batch)
 
 
-class SignalPropagationMonitor(Callback):
+class SignalPropagationMonitor(StateCheckedCallback):
     """APJN from the first block's input to every block's output, its depth fits, and DyT/Derf saturation.
 
     Measures at fit start, on the first training batch before the first optimizer step (the
@@ -184,12 +183,6 @@ class SignalPropagationMonitor(Callback):
             if self.core is not None
             else dict(self._restored or {}).get("core"),
         }
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        warn_if_state_missing(self, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

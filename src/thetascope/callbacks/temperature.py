@@ -6,16 +6,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from thetascope import keys
 from thetascope._validation import check_bool, check_prefix
 from thetascope.callbacks._lightning import (
+    StateCheckedCallback,
     log_to_loggers,
     publish_callback_metrics,
-    warn_if_state_missing,
     warn_unreadable_state,
 )
 from thetascope.monitors.temperature import TemperatureController
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["TemperatureWarmup"]
 
 
-class TemperatureWarmup(Callback):
+class TemperatureWarmup(StateCheckedCallback):
     """Divide every attention layer's logits by ``tau``, annealed from ``tau_start`` to ``tau_end``.
 
     ``tau`` is a pure function of ``trainer.global_step`` (the optimizer step), set before every training
@@ -165,9 +164,3 @@ class TemperatureWarmup(Callback):
             self._last_logged_step = -1
             return
         self._last_logged_step = last
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        warn_if_state_missing(self, checkpoint)

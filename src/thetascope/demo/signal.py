@@ -38,6 +38,7 @@ from torch import nn
 
 from thetascope.demo.model import GPT, GPTConfig, NormPlacement
 from thetascope.functional.depth_fit import DepthFit, fit_depth_profile
+from thetascope.keys import SIGNAL_FIT_FIELDS
 from thetascope.monitors.signal import SignalPropagationCore
 
 __all__ = ["SignalExperiment", "measure_profile", "run_signal_experiment", "standard_init"]
@@ -130,14 +131,7 @@ def _summary(fits: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (norm, att, depth), rows in groups.items():
         entry: dict[str, Any] = {"norm": norm, "attention": att, "depth": depth, "seeds": len(rows)}
-        for f in (
-            "power_exponent",
-            "power_r2",
-            "stretched_beta",
-            "stretched_rate",
-            "stretched_r2",
-            "rmse_ratio",
-        ):
+        for f in SIGNAL_FIT_FIELDS:
             entry[f] = _mean_sd([float(r[f]) for r in rows])
         entry["apjn_last"] = _mean_sd([float(r["apjn_last"]) for r in rows])
         entry["verdicts"] = {

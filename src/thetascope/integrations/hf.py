@@ -16,7 +16,13 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from thetascope._validation import check_bool, check_layers_arg, check_positive_int, check_prefix
+from thetascope._validation import (
+    check_bool,
+    check_choice,
+    check_layers_arg,
+    check_positive_int,
+    check_prefix,
+)
 from thetascope.keys import DEFAULT_PREFIX, LOG_MODES, headline_only
 from thetascope.monitors._collective import AllGather, distributed_all_gather, local_all_gather
 from thetascope.report.diagnosis import MeasuredHistory
@@ -116,9 +122,7 @@ class StabilityCallback(TrainerCallback):
         self.layers = check_layers_arg(layers)
         self.batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
         self.prefix = check_prefix(prefix)
-        if log not in LOG_MODES:
-            raise ValueError(f"log must be one of {LOG_MODES}, got {log!r}")
-        self.log_mode = log
+        self.log_mode = check_choice("log", log, LOG_MODES)
         self.strict = check_bool("strict", strict)
         self.trainer: Any = None
         self.att: Any = None

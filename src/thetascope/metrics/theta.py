@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -12,11 +12,29 @@ from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
 from thetascope.functional.theta import MAX_EXACT_TOP, ThetaBounds, attention_entropy, balanced_mass_factor
-from thetascope.functional.theta_stats import _entropy_compute, _entropy_update, _theta_compute, _theta_update
+from thetascope.functional.theta_stats import (
+    ENTROPY_INCREMENT_OPS,
+    THETA_INCREMENT_OPS,
+    _entropy_compute,
+    _entropy_update,
+    _theta_compute,
+    _theta_update,
+)
 
 __all__ = ["AttentionEntropy", "BalancedMassFactor"]
 
 _PlotValue = dict[str, Tensor] | Sequence[dict[str, Tensor]] | None
+
+
+def _accumulate(metric: Metric, inc: NamedTuple, ops: Mapping[str, str]) -> None:
+    """Merge the increments ``inc`` into ``metric``'s states of the same names, each by its op in ``ops``."""
+    for name, value in zip(inc._fields, inc):
+        state = getattr(metric, name)
+        value = value.to(state.dtype)
+        if ops[name] == "sum":
+            state += value  # in place: the state tensor stays the one torchmetrics registered
+        else:
+            setattr(metric, name, (torch.maximum if ops[name] == "max" else torch.minimum)(state, value))
 
 
 def _select(val: dict[str, Tensor] | Sequence[dict[str, Tensor]], keys: Sequence[str]) -> Any:
@@ -127,15 +145,7 @@ class BalancedMassFactor(Metric):
         if bounds is None:
             assert probs is not None
             bounds = balanced_mass_factor(probs, exact_top=self.exact_top, validate=self.validate)
-        inc = _theta_update(bounds, self.threshold, self.n_bins)
-        self.n_rows += inc.n_rows
-        self.n_nonfinite += inc.n_nonfinite
-        self.sum_mid += inc.sum_mid.to(self.sum_mid.dtype)
-        self.max_upper = torch.maximum(self.max_upper, inc.max_upper.to(self.max_upper.dtype))
-        self.max_lower = torch.maximum(self.max_lower, inc.max_lower.to(self.max_lower.dtype))
-        self.max_width = torch.maximum(self.max_width, inc.max_width.to(self.max_width.dtype))
-        self.n_ge_threshold += inc.n_ge_threshold
-        self.histogram += inc.histogram
+        _accumulate(self, _theta_update(bounds, self.threshold, self.n_bins), THETA_INCREMENT_OPS)
 
     def update_bounds(self, bounds: ThetaBounds) -> None:
         """Add precomputed brackets of any shape (e.g. a probe's ``LayerRecord.theta``); NaN rows are counted.
@@ -230,12 +240,7 @@ class AttentionEntropy(Metric):
         if entropy is None:
             assert probs is not None
             entropy = attention_entropy(probs)
-        inc = _entropy_update(entropy)
-        self.n_rows += inc.n_rows
-        self.n_nonfinite += inc.n_nonfinite
-        self.sum_entropy += inc.sum_entropy.to(self.sum_entropy.dtype)
-        self.min_entropy = torch.minimum(self.min_entropy, inc.min_entropy.to(self.min_entropy.dtype))
-        self.max_entropy = torch.maximum(self.max_entropy, inc.max_entropy.to(self.max_entropy.dtype))
+        _accumulate(self, _entropy_update(entropy), ENTROPY_INCREMENT_OPS)
 
     def update_entropy(self, entropy: Tensor) -> None:
         """Add precomputed per-row entropies of any shape (e.g. a probe's ``LayerRecord.entropy``).

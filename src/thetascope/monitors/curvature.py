@@ -255,12 +255,10 @@ class CurvatureCore:
         prefix: str = DEFAULT_PREFIX,
         strict: bool = False,
     ) -> None:
-        from thetascope._validation import check_bool, check_positive_int, check_prefix
+        from thetascope._validation import check_bool, check_choice, check_positive_int, check_prefix
 
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        check_choice("method", method, list(METHODS))
+        check_choice("backend", backend, list(BACKENDS))
         if fd_step is not None and (
             isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)) or not 0 < fd_step < 1
         ):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from thetascope._validation import check_layers_arg, check_positive_int, check_prefix, select_layers
 from thetascope.functional.apjn import apjn_profile
 from thetascope.functional.depth_fit import DepthFit, fit_depth_profile
-from thetascope.keys import DEFAULT_PREFIX, SIGNAL_CARD_KEY, layer_key
+from thetascope.keys import DEFAULT_PREFIX, SIGNAL_CARD_KEY, SIGNAL_FIT_FIELDS, layer_key
 from thetascope.monitors._collective import AllGather, PackedValues, local_all_gather, reduce_packed
 from thetascope.monitors._guard import FailureGuard
 from thetascope.nn.dynamic import is_tanh_like
@@ -338,14 +338,7 @@ class SignalPropagationCore:
             self.last_fit = fit
             if self.init_fit is None:
                 self.init_fit = fit
-            for field in (
-                "power_exponent",
-                "power_r2",
-                "stretched_beta",
-                "stretched_rate",
-                "stretched_r2",
-                "rmse_ratio",
-            ):
+            for field in SIGNAL_FIT_FIELDS:
                 v = float(getattr(fit, field))
                 if math.isfinite(v):
                     out[f"{p}signal/{field}"] = v
