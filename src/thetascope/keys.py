@@ -62,7 +62,9 @@ ATTENTION_LAYER_FIELDS: tuple[str, ...] = (
 #: Run-level fields of the attention monitor (``{prefix}{field}``): the maxima over layers and tau.
 ATTENTION_RUN_FIELDS: tuple[str, ...] = (THETA_MAX, SENSITIVITY_MAX, TEMPERATURE_FIELD)
 #: Fields (without prefix) that also go to ``trainer.callback_metrics`` for EarlyStopping/ModelCheckpoint.
-HEADLINE_KEYS: tuple[str, ...] = (THETA_MAX, SENSITIVITY_MAX, "grad_norm_global")
+#: The global gradient norm under its headline name, also put into ``trainer.callback_metrics``.
+GRAD_NORM_HEADLINE = "grad_norm_global"
+HEADLINE_KEYS: tuple[str, ...] = (THETA_MAX, SENSITIVITY_MAX, GRAD_NORM_HEADLINE)
 #: The architecture card, logged once as hyperparameters ``{prefix}card/{field}``.
 CARD_PREFIX = "card/"
 ARCHITECTURE_CARD_FIELDS: tuple[str, ...] = (
@@ -128,8 +130,6 @@ def parse_layer_key(key: str, prefix: str = "") -> tuple[str, str | None, int] |
 GRADIENT_LAYER_FIELDS: tuple[str, ...] = ("grad_norm",)
 #: Global gradient norm of the stepped optimizer's parameters (``sqrt`` of the summed squares).
 GRAD_NORM_GLOBAL = "grad_norm/global"
-#: The same value under its headline name, also put into ``trainer.callback_metrics``.
-GRAD_NORM_HEADLINE = "grad_norm_global"
 #: Group of the depth-profile statistics: ``{prefix}grad/{field}`` for each of :data:`PATHOLOGY_FIELDS`.
 PATHOLOGY_GROUP = "grad/"
 #: Depth-profile statistics of the per-layer gradient norms (see ``functional.gradient_pathology``).
@@ -242,13 +242,10 @@ def trace_type_key(prefix: str, sublayer: str, stderr: bool = False) -> str:
 
 
 # ------------------------------------------------------------------------------ summary mode (integrations)
-__all__ += ["LOG_MODES", "SUMMARY_HEADLINE_KEYS", "headline_only"]
+__all__ += ["LOG_MODES", "headline_only"]
 
 #: What ``log=`` accepts: every key, or only the headline keys.
 LOG_MODES: tuple[str, ...] = ("all", "summary")
-#: The keys ``log="summary"`` keeps (without prefix): :data:`HEADLINE_KEYS`, the worst theta and sensitivity
-#: over layers and the global gradient norm.
-SUMMARY_HEADLINE_KEYS: tuple[str, ...] = HEADLINE_KEYS
 
 
 def headline_only(
@@ -260,5 +257,5 @@ def headline_only(
         >>> headline_only({"stability/theta_max": 1.0, "stability/theta_max/layer_00": 0.9})
         {'stability/theta_max': 1.0}
     """
-    wanted = {f"{prefix}{h}" for h in (SUMMARY_HEADLINE_KEYS if headline is None else headline)}
+    wanted = {f"{prefix}{h}" for h in (HEADLINE_KEYS if headline is None else headline)}
     return {k: v for k, v in metrics.items() if k in wanted}
