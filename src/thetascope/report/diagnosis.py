@@ -229,8 +229,9 @@ def _gradient_flow(run: RunData) -> DiagnosisLine | None:
             "post-LN gradient pathology",
             "alert" if median < PATHOLOGY_RATIO / 5 else "warn",
             seen + f": early layers get {1 / median:.3g}x smaller gradients than late ones",
-            "early layers learn slowly or not at all: use pre-LN, a path-length N^(-1/4) residual scaling, "
-            "or a learning-rate warmup",
+            "early layers learn slowly or not at all: use pre-LN or a learning-rate warmup (in our demo "
+            "neither temperature warmup nor the N^(-1/4) path-length scaling alone lifted post-LN off "
+            "the plateau)",
         )
     return DiagnosisLine(
         "gradient flow",
