@@ -187,8 +187,9 @@ SIGNAL_FIELDS: tuple[str, ...] = (
     "apjn_last",
     "norm_saturation",
 )
-#: The architecture-card line of the signal verdict (numeric code as above; logged without the prefix).
-SIGNAL_CARD_KEY = "card/signal_verdict"
+#: The architecture-card line of the signal verdict (numeric code as above), ``{prefix}card/signal_verdict``
+#: beside the attention monitor's card fields.
+SIGNAL_CARD_KEY = CARD_PREFIX + "signal_verdict"
 
 __all__ += ["SIGNAL_CARD_KEY", "SIGNAL_FIELDS", "SIGNAL_FIT_FIELDS", "SIGNAL_LAYER_FIELDS"]
 __all__ += ["SIGNAL_NORM_FIELDS"]

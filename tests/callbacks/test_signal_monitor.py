@@ -29,7 +29,7 @@ def test_keys_at_fit_start_and_every_n_steps_in_csv(tmp_path: Path) -> None:
         "stability/signal/verdict",
         "stability/signal/power_exponent",
         "stability/signal/stretched_beta",
-        "card/signal_verdict",
+        "stability/card/signal_verdict",
         "stability/norm_alpha/ln_1/layer_00",
         "stability/norm_saturation/ln_2/layer_03",
         "stability/norm_alpha/model.transformer.ln_f",

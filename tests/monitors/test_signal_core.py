@@ -42,7 +42,7 @@ def test_profile_matches_dense_jacobian_of_the_block_stack(norm: str, causal: bo
         se = out[f"stability/apjn_stderr/layer_{layer:02d}"]
         assert 0 < se < 0.3 * exact, (layer, se, exact)
         assert abs(got - exact) <= 4 * se, (layer, got, exact, se)
-    assert out["stability/signal/verdict"] == out["card/signal_verdict"] in (-1.0, 0.0, 1.0)
+    assert out["stability/signal/verdict"] == out["stability/card/signal_verdict"] in (-1.0, 0.0, 1.0)
     assert core.card_line() is not None
     assert core.card_line().startswith("signal propagation at init:")
 

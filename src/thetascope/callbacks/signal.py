@@ -57,8 +57,8 @@ class SignalPropagationMonitor(StateCheckedCallback):
     ``max_samples`` samples of the first training batch of the run. Logged at ``step = global_step`` from
     rank zero (keys: :class:`~thetascope.monitors.signal.SignalPropagationCore`): ``{prefix}apjn/layer_XX``
     and ``apjn_stderr/layer_XX``, the power-law and stretched-exponential fits and ``{prefix}signal/verdict``
-    (-1 subcritical, 0 critical, 1 supercritical), ``card/signal_verdict``, and for DyT/Derf-like modules
-    ``{prefix}norm_alpha/...`` and ``{prefix}norm_saturation/...``. The verdict line at initialisation
+    (-1 subcritical, 0 critical, 1 supercritical), ``{prefix}card/signal_verdict``, and for DyT/Derf-like
+    modules ``{prefix}norm_alpha/...`` and ``{prefix}norm_saturation/...``. The verdict line at initialisation
     (:attr:`card_line`) is also printed once on rank zero. The fits and verdict go to
     ``trainer.callback_metrics`` too.
 

@@ -73,7 +73,7 @@ class SignalPropagationCore:
       stretched_beta``, ``.../stretched_rate``, ``.../stretched_r2``: ``J ~ exp(c l**beta)`` fit;
       ``{prefix}signal/rmse_ratio`` and ``{prefix}signal/verdict`` (-1 subcritical, 0 critical,
       1 supercritical; rules in :func:`~thetascope.functional.depth_fit.fit_depth_profile`), with at least 4
-      blocks. ``card/signal_verdict`` repeats the verdict for the architecture card.
+      blocks. ``{prefix}card/signal_verdict`` repeats the verdict for the architecture card.
     * For every tanh-like normaliser (:class:`~thetascope.nn.DyT`, :class:`~thetascope.nn.Derf`, or a class
       named like them with a parameter ``alpha``): ``{prefix}norm_alpha/{name}/layer_XX`` (its mean ``alpha``)
       and ``{prefix}norm_saturation/{name}/layer_XX``, the fraction of its input elements with
@@ -343,7 +343,7 @@ class SignalPropagationCore:
                 if math.isfinite(v):
                     out[f"{p}signal/{field}"] = v
             out[f"{p}signal/verdict"] = fit.verdict_code
-            out[SIGNAL_CARD_KEY] = fit.verdict_code
+            out[p + SIGNAL_CARD_KEY] = fit.verdict_code
         sat_all = float(red["saturated"].sum()) if self.norms else 0.0
         tot_all = float(red["elements"].sum()) if self.norms else 0.0
         for name, a, s, t in zip(
