@@ -10,8 +10,7 @@ import contextlib
 import logging
 import statistics
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,29 +30,33 @@ class Run:
     peak_bytes: int
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence Lightning's banners and the warnings of tiny benchmark runs while inside.
+def quiet() -> contextlib.AbstractContextManager[None]:
+    """Silence Lightning's banners (``lightning.pytorch``/``lightning.fabric`` below ERROR) and every warning
+    of the tiny benchmark runs while inside; both are restored on exit."""
+    from thetascope.demo.train import quiet_lightning
 
-    Levels and warning filters are restored on exit: the benchmarks also run inside the test suite, whose
-    later tests check warnings and log records.
-    """
-    names = ("lightning.pytorch", "lightning.fabric")
-    levels = {name: logging.getLogger(name).level for name in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in names:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
+    return quiet_lightning(("lightning.pytorch", "lightning.fabric"), logging.ERROR, ignore=None)
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def time_call(
+    fn: Callable[[], object], repeat: int = 5, *, stat: Callable[[list[float]], float] = min
+) -> float:
+    """Seconds of one call of ``fn``: one warm-up call, then ``stat`` (default: the best) of ``repeat`` timed
+    calls, each ended by a device sync so queued CUDA work is counted."""
+    fn()
+    _sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return stat(times)
 
 
 def timed_fit(

@@ -11,27 +11,11 @@ SDPA's math kernel, what ``backend="auto"`` then uses.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import torch
 
+from benchmarks._timing import time_call
 from thetascope.demo.model import GPT, GPTConfig
 from thetascope.monitors.curvature import CurvatureCore
-
-
-def _best(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -53,7 +37,7 @@ def main() -> None:
         model.loss(x, y).backward()
         opt.step()
 
-    step_s = _best(train_step, device, repeat=5)
+    step_s = time_call(train_step, 5)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"device {device.type}, {cfg.n_layer} layers, d={cfg.n_embd}, L={cfg.block_size}, batch {batch}, "
@@ -73,7 +57,7 @@ def main() -> None:
             core.reduce(vals)
 
         try:
-            total = _best(measure, device, repeat=1) - step_s  # the training step inside is not the cost
+            total = time_call(measure, 1) - step_s  # the training step inside is not the cost
         except RuntimeError as err:  # SDPA's fused kernels have no double backward
             print(f"{backend:<20} unavailable: {str(err).splitlines()[0][:70]}")
             continue

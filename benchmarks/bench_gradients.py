@@ -6,12 +6,10 @@ embedding). Both sides compute the same per-layer and global norms in the same r
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
+from benchmarks._timing import time_call
 from thetascope.functional.gradients import grad_norms_by_group, group_parameters_by_layer
 
 
@@ -47,20 +45,6 @@ def gpt2_small_like(
     return named
 
 
-def _time(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     named = gpt2_small_like(device)
@@ -80,7 +64,7 @@ def main() -> None:
     per_f, total_f = grad_norms_by_group(groups, other=other)
     per_i, total_i = per_item()
     diff = max(abs(a - b) / b for a, b in zip(per_f.tolist(), per_i))
-    t_fused, t_item = _time(fused, device), _time(per_item, device)
+    t_fused, t_item = time_call(fused), time_call(per_item)
     n_params = sum(p.numel() for _, p in named)
     print(f"{len(named)} gradient tensors, {n_params / 1e6:.0f}M values, {len(ids)} layers, on {device}")
     print(f"{'method':<52}{'ms':>10}")

@@ -8,27 +8,12 @@ runs at fit start and every ``every_n_steps`` steps only. Both sides run in the 
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
+from benchmarks._timing import time_call
 from thetascope.demo.model import GPT, GPTConfig
 from thetascope.monitors.signal import SignalPropagationCore
-
-
-def _time(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _case(
@@ -51,7 +36,7 @@ def _case(
     def measure() -> None:
         core.reduce(core.measure(lambda: model(xh)))
 
-    return _time(measure, device), _time(step, device)
+    return time_call(measure, 3, stat=statistics.median), time_call(step, 3, stat=statistics.median)
 
 
 def main() -> None:

@@ -9,10 +9,9 @@ warm start (vector of the previous call, after the weights drifted), on random G
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from benchmarks._timing import time_call
 from thetascope.functional.spectral import (
     DEFAULT_INIT_ITERS,
     DEFAULT_N_VECTORS,
@@ -28,19 +27,6 @@ D = 1280
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _time(fn: object, device: torch.device, repeat: int = 3) -> float:
-    assert callable(fn)
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def trained_like(
@@ -174,11 +160,11 @@ def speed(device: torch.device) -> None:
     def warm_single() -> None:
         single(ws)
 
-    t_warm = _time(warm, device)
-    t_warm_loop = _time(warm_looped, device)
-    t_warm_single = _time(warm_single, device)
-    t_loop = _time(loop_one_step, device)
-    t_exact = _time(exact, device, repeat=1)
+    t_warm = time_call(warm, 3)
+    t_warm_loop = time_call(warm_looped, 3)
+    t_warm_single = time_call(warm_single, 3)
+    t_loop = time_call(loop_one_step, 3)
+    t_exact = time_call(exact, 1)
     note = "" if device.type == "cuda" else f" (CPU: {layers} of GPT-2 774M's 36 layers)"
     print(f"\n{len(ws)} matrices {D}x{D} on {device}{note}")
     print(f"{'method':<60}{'ms':>10}{'vs SVD':>10}")

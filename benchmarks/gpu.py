@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._timing import Run, median, quiet, steps_where, timed_fit
+from benchmarks._timing import Run, median, quiet, steps_where, time_call, timed_fit
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,6 @@ SMALL_PLAN = Plan(steps=8, every=4, rounds=1, repeats=2)
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    _sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _module(shape: Shape) -> Callable[[], Any]:
@@ -171,8 +159,8 @@ def bracket_vs_greedy(shape: Shape, plan: Plan, device: torch.device) -> dict[st
         0, shape.length, (n_rows, 1), device=device, generator=gen
     )
     probs = torch.softmax(logits.masked_fill(causal, float("-inf")).to(torch.bfloat16).float(), dim=-1)
-    t_bracket = _best_time(lambda: balanced_mass_factor(probs, validate=False), plan.repeats)
-    t_greedy = _best_time(lambda: balanced_mass_greedy(probs), plan.repeats)
+    t_bracket = time_call(lambda: balanced_mass_factor(probs, validate=False), plan.repeats)
+    t_greedy = time_call(lambda: balanced_mass_greedy(probs), plan.repeats)
     return {
         "bracket_ms": 1e3 * t_bracket,
         "greedy_ms": 1e3 * t_greedy,
@@ -197,14 +185,14 @@ def power_vs_svd(shape: Shape, plan: Plan, device: torch.device) -> dict[str, fl
     est = SpectralNormEstimator()
     est(mats)  # the cold call
     drift = {k: w + 1e-3 * torch.randn_like(w) * w.norm() / d for k, w in mats.items()}
-    t_power = _best_time(lambda: est(drift), plan.repeats)
+    t_power = time_call(lambda: est(drift), plan.repeats)
     exact: dict[str, torch.Tensor] = {}
 
     def svd() -> None:
         for k, w in drift.items():
             exact[k] = torch.linalg.matrix_norm(w.double() if device.type == "cpu" else w, ord=2)
 
-    t_svd = _best_time(svd, 1)
+    t_svd = time_call(svd, 1)
     got = est(drift)
     truth = {k: torch.linalg.matrix_norm(w.double(), ord=2) for k, w in drift.items()}
     err = max(abs(1 - float(got[k]) / float(truth[k])) for k in drift)

@@ -459,23 +459,31 @@ def run_demo(
 
 
 @contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Keep the console to the progress lines: hide Lightning's banner, tips and known-harmless warnings.
+def quiet_lightning(
+    loggers: Sequence[str] = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"),
+    level: int = logging.WARNING,
+    ignore: Sequence[str] | None = (".*does not have many workers.*", ".*LeafSpec.*", ".*litlogger.*"),
+) -> Iterator[None]:
+    """Keep the console to the progress lines: raise ``loggers`` to ``level`` and ignore the warnings whose
+    message matches a pattern of ``ignore`` (every warning for ``None``).
 
-    Logger levels and warning filters are restored on exit (the demo also runs inside test sessions).
+    Logger levels and warning filters are restored on exit (the demo and the benchmarks also run inside test
+    sessions, whose later tests check warnings and log records).
     """
-    names = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
-    levels = {n: logging.getLogger(n).level for n in names}
+    levels = {n: logging.getLogger(n).level for n in loggers}
     with warnings.catch_warnings():
-        for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*litlogger.*"):
-            warnings.filterwarnings("ignore", message=pattern)
-        for n in names:
-            logging.getLogger(n).setLevel(logging.WARNING)
+        if ignore is None:
+            warnings.simplefilter("ignore")
+        else:
+            for pattern in ignore:
+                warnings.filterwarnings("ignore", message=pattern)
+        for n in loggers:
+            logging.getLogger(n).setLevel(level)
         try:
             yield
         finally:
-            for n, level in levels.items():
-                logging.getLogger(n).setLevel(level)
+            for n, lvl in levels.items():
+                logging.getLogger(n).setLevel(lvl)
 
 
 def _config_of(p: Preset) -> GPTConfig:
