@@ -203,6 +203,23 @@ def test_many_rows_are_processed_in_blocks() -> None:
     _assert_certified(whole, balanced_mass_exhaustive(p), p, 16)
 
 
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0, 4.0, 8.0])
+def test_width_stays_below_the_square_of_the_largest_tail_entry(scale: float) -> None:
+    # The documented guarantee, from the row alone: with q the (m+1)-th largest entry (the largest one left
+    # to the staircase), upper - lower <= q**2, up to the float32 rounding allowance. It holds with only the
+    # best subset of the top entries searched, so it must hold with its neighbours too (512 > 64 subsets).
+    gen = torch.Generator().manual_seed(11)
+    logits = scale * torch.randn(4096, 128, generator=gen)
+    support = torch.randint(12, 129, (4096, 1), generator=gen)
+    p = torch.softmax(logits.masked_fill(torch.arange(128) >= support, float("-inf")), dim=-1)
+    b = balanced_mass_factor(p, exact_top=10)
+    q = p.double().sort(dim=-1, descending=True).values[:, 10]
+    # widening by tol = 2 (L + m + 4) eps on each side of a delta <= 1/2 moves theta by at most 8 tol
+    allowance = 8 * 2 * (128 + 10 + 4) * torch.finfo(torch.float32).eps + 2.0**-22
+    assert torch.all(b.width.double() <= q.square() + allowance)
+    assert float(b.width.median()) <= 1e-5  # and typical rows are far tighter than the guarantee
+
+
 def test_long_rows_are_tight() -> None:
     gen = torch.Generator().manual_seed(6)
     p = torch.softmax(torch.randn(64, 1024, generator=gen), dim=-1)

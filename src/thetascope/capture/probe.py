@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from thetascope.capture import hf
 from thetascope.capture.adapters import AttentionAdapter, adapter_for
-from thetascope.capture.records import LayerRecord, row_max_logit
+from thetascope.capture.records import LayerRecord
 
 __all__ = ["AttentionProbe"]
 
@@ -417,19 +417,23 @@ class AttentionProbe:
         from thetascope.functional.theta import ThetaBounds, attention_entropy, balanced_mass_factor
 
         logits = logits.detach().float()
-        masked = torch.isneginf(logits).all(dim=-1)
-        nonfinite = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) & ~masked
+        # One reduction classifies every row: amax propagates NaN, is +inf with a +inf entry, and is -inf
+        # only when every entry is -inf (a fully masked row).
+        row_max = logits.amax(dim=-1)
+        masked = torch.isneginf(row_max)
+        nonfinite = torch.isnan(row_max) | torch.isposinf(row_max)
         if valid is not None:
             masked = masked | ~valid.to(torch.bool)
             nonfinite = nonfinite & valid.to(torch.bool)
         bad = masked | nonfinite
-        probs = torch.softmax(logits.masked_fill(bad.unsqueeze(-1), 0.0), dim=-1)
+        # bad rows come out of softmax as NaN (or anything); every value of theirs is replaced by NaN below
+        probs = torch.softmax(logits, dim=-1)
         theta = balanced_mass_factor(probs, exact_top=self.exact_top, validate=False)
         nan = torch.tensor(float("nan"), device=logits.device)
         rec = ctx.layer
         lower, upper = torch.where(bad, nan, theta.lower), torch.where(bad, nan, theta.upper)
         entropy = torch.where(bad, nan, attention_entropy(probs))
-        max_logit = torch.where(bad, nan, row_max_logit(logits))
+        max_logit = torch.where(bad, nan, row_max)  # the largest finite logit (row_max_logit) of good rows
         n_masked, n_nonfinite = masked.sum(), nonfinite.sum()
         if ctx.recorded_in == self._n_captures and rec.theta is not None:
             # A further kernel call of this module in the same capture: its rows join the earlier ones.

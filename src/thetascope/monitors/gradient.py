@@ -104,6 +104,8 @@ class GradientFlowCore:
         self._position: dict[int, int] = {}
         self._shown: set[int] = set()
         self._cache: dict[int | None, tuple[list[int], list[list[Tensor]], list[Tensor], list[Tensor]]] = {}
+        # whether each cached parameter list is FSDP2-sharded (checked once, not on every step)
+        self._sharded_cache: dict[int | None, bool] = {}
         self._model: nn.Module | None = None
         if model is not None:
             self.bind(model)
@@ -125,6 +127,7 @@ class GradientFlowCore:
         self.blocks = blocks
         self._position = {id(p): pos for pos, params in enumerate(groups) for p in params}
         self._cache = {}
+        self._sharded_cache = {}
         sizes: dict[str | None, int] = {}
         for stack, index in blocks:
             sizes[stack] = max(sizes.get(stack, 0), index + 1)
@@ -181,7 +184,11 @@ class GradientFlowCore:
 
         try:
             params = self._groups(optimizer)[3]
-            norm = _sharded_global_norm(params) if _sharded(params) else global_grad_norm(params)
+            key = None if optimizer is None else id(optimizer)
+            sharded = self._sharded_cache.get(key)
+            if sharded is None:
+                sharded = self._sharded_cache[key] = _sharded(params)
+            norm = _sharded_global_norm(params) if sharded else global_grad_norm(params)
         except Exception as err:
             self.guard.fail("grad_norms", err, self.rank)
             return
