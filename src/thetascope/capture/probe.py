@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from thetascope.capture import hf
 from thetascope.capture.adapters import AttentionAdapter, adapter_for
-from thetascope.capture.records import LayerRecord
+from thetascope.capture.records import LayerRecord, classify_rows
 
 __all__ = ["AttentionProbe"]
 
@@ -417,11 +417,7 @@ class AttentionProbe:
         from thetascope.functional.theta import ThetaBounds, attention_entropy, balanced_mass_factor
 
         logits = logits.detach().float()
-        # One reduction classifies every row: amax propagates NaN, is +inf with a +inf entry, and is -inf
-        # only when every entry is -inf (a fully masked row).
-        row_max = logits.amax(dim=-1)
-        masked = torch.isneginf(row_max)
-        nonfinite = torch.isnan(row_max) | torch.isposinf(row_max)
+        row_max, masked, nonfinite = classify_rows(logits)
         if valid is not None:
             masked = masked | ~valid.to(torch.bool)
             nonfinite = nonfinite & valid.to(torch.bool)
@@ -433,7 +429,7 @@ class AttentionProbe:
         rec = ctx.layer
         lower, upper = torch.where(bad, nan, theta.lower), torch.where(bad, nan, theta.upper)
         entropy = torch.where(bad, nan, attention_entropy(probs))
-        max_logit = torch.where(bad, nan, row_max)  # the largest finite logit (row_max_logit) of good rows
+        max_logit = torch.where(bad, nan, row_max)  # row_max_logit, from the same reduction
         n_masked, n_nonfinite = masked.sum(), nonfinite.sum()
         if ctx.recorded_in == self._n_captures and rec.theta is not None:
             # A further kernel call of this module in the same capture: its rows join the earlier ones.

@@ -17,7 +17,21 @@ if TYPE_CHECKING:
     from thetascope.capture.adapters import AttentionAdapter
     from thetascope.functional.theta import ThetaBounds
 
-__all__ = ["LayerRecord", "ProjectionWeights", "row_max_logit"]
+__all__ = ["LayerRecord", "ProjectionWeights", "classify_rows", "row_max_logit"]
+
+
+def classify_rows(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(row_max, masked, nonfinite)`` of each row ``[..., Lk] -> [...]``, from one ``amax``.
+
+    ``amax`` propagates NaN, is ``+inf`` when a row holds ``+inf`` and is ``-inf`` only when every entry is
+    ``-inf``: ``masked`` marks fully masked rows, ``nonfinite`` rows with a NaN or ``+inf`` entry.
+
+    Example:
+        >>> classify_rows(torch.tensor([[1.0, float("-inf")], [float("-inf")] * 2, [float("nan"), 1.0]]))
+        (tensor([1., -inf, nan]), tensor([False,  True, False]), tensor([False, False,  True]))
+    """
+    out = logits.amax(dim=-1)
+    return out, torch.isneginf(out), torch.isnan(out) | torch.isposinf(out)
 
 
 def row_max_logit(logits: Tensor) -> Tensor:
@@ -29,9 +43,8 @@ def row_max_logit(logits: Tensor) -> Tensor:
         >>> row_max_logit(torch.tensor([[1.0, float("-inf"), 3.0], [float("-inf")] * 3]))
         tensor([3., nan])
     """
-    out = logits.amax(dim=-1)
-    bad = torch.isneginf(out) | torch.isnan(logits).any(dim=-1) | torch.isposinf(out)
-    return torch.where(bad, torch.full_like(out, float("nan")), out)
+    out, masked, nonfinite = classify_rows(logits)
+    return torch.where(masked | nonfinite, torch.full_like(out, float("nan")), out)
 
 
 @dataclass

@@ -281,14 +281,14 @@ def balanced_mass_factor(probs: Tensor, *, exact_top: int = 10, validate: bool =
     also a lower bound. The width is at most about the square of the m-th largest entry.
 
     Exact (``lower == upper``) when the row's support is at most ``exact_top`` or ``max(p) >= 1/2``. The
-    ``N * 2**(m-1)`` part runs in float32 for float32 and half inputs (float64 for float64 input): its
-    rounding is below ``(L + m + 4) eps`` in delta (``eps`` of the work dtype; see the bound in the code), and
-    inexact brackets are widened by twice that and, for float32 output, moved outward by ``2**-25`` before
-    the cast, so they contain the exact-arithmetic theta of the input's values. Exact rows are evaluated in
-    float64 (the peak, or the best subset of the top entries summed again) and rounded to nearest. Rows are
-    divided by their own sum first. Cost: one ``topk`` and one ``cumsum`` over ``[N, L]``, one ``addmm`` and
-    one ``min`` over ``N * 2**(m-1)`` elements, and one ``searchsorted`` of ``min(2**(m-1), 1 + (m-1) m / 2)``
-    queries per row (no sort, no host sync), in blocks of ``2**21`` elements.
+    ``N*2**(m-1)`` part runs in float32 for float32 and half inputs (float64 for float64 input): its rounding
+    is below ``(L+m+4) eps`` in delta (``eps`` of the work dtype; see the bound in the code), and inexact
+    brackets are widened by twice that and, for float32 output, moved outward by ``2**-25`` before the cast,
+    so they contain the exact-arithmetic theta of the input's values. Exact rows are evaluated in float64 (the
+    peak, or the best subset of the top entries summed again) and rounded to nearest. Rows are divided by
+    their own sum first. Cost: one ``topk`` and one ``cumsum`` over ``[N, L]``, one matmul, one ``abs`` and
+    one ``amin`` over ``N*2**(m-1)`` elements, and one ``searchsorted`` of ``2**(m-1)`` queries per row while
+    that is at most 64, ``1+m(m-1)/2`` beyond (no sort, no host sync), in blocks of ``2**21`` elements.
 
     Args:
         probs: ``[..., L]`` probability rows (any float dtype, any device).

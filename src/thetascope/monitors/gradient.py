@@ -28,6 +28,8 @@ __all__ = ["MEASUREMENTS", "GradientFlowCore"]
 
 #: Measurements a failure can disable, each on every rank alike (see :class:`FailureGuard`).
 MEASUREMENTS: tuple[str, ...] = ("grad_norms", "grad_spike", "loss_spike", "pathology")
+# (layer positions, their params, params outside any layer, all params, whether they are FSDP2 shards)
+_Groups = tuple[list[int], list[list[Tensor]], list[Tensor], list[Tensor], bool]
 
 Block = tuple[str | None, int]  # (stack or None, layer index)
 
@@ -103,9 +105,7 @@ class GradientFlowCore:
         self.blocks: list[Block] = []
         self._position: dict[int, int] = {}
         self._shown: set[int] = set()
-        self._cache: dict[int | None, tuple[list[int], list[list[Tensor]], list[Tensor], list[Tensor]]] = {}
-        # whether each cached parameter list is FSDP2-sharded (checked once, not on every step)
-        self._sharded_cache: dict[int | None, bool] = {}
+        self._cache: dict[int | None, _Groups] = {}
         self._model: nn.Module | None = None
         if model is not None:
             self.bind(model)
@@ -127,7 +127,6 @@ class GradientFlowCore:
         self.blocks = blocks
         self._position = {id(p): pos for pos, params in enumerate(groups) for p in params}
         self._cache = {}
-        self._sharded_cache = {}
         sizes: dict[str | None, int] = {}
         for stack, index in blocks:
             sizes[stack] = max(sizes.get(stack, 0), index + 1)
@@ -140,10 +139,8 @@ class GradientFlowCore:
     def _per_stack(self, n: int) -> str | list[int]:
         return self.layers if isinstance(self.layers, str) else [i for i in self.layers if i < n]
 
-    def _groups(
-        self, optimizer: Optimizer | None
-    ) -> tuple[list[int], list[list[Tensor]], list[Tensor], list[Tensor]]:
-        """(layer positions, their params, params outside any layer, all params) of ``optimizer``, cached."""
+    def _groups(self, optimizer: Optimizer | None) -> _Groups:
+        """The parameters of ``optimizer`` by layer (see ``_Groups``), cached: steps never walk them again."""
         key = None if optimizer is None else id(optimizer)
         cached = self._cache.get(key)
         if cached is None:
@@ -167,7 +164,8 @@ class GradientFlowCore:
                     by_pos.setdefault(pos, []).append(p)
             ids = sorted(by_pos)
             groups = [by_pos[i] for i in ids]
-            cached = (ids, groups, other, [p for g in groups for p in g] + other)
+            flat = [p for g in groups for p in g] + other
+            cached = (ids, groups, other, flat, _sharded(flat))
             self._cache[key] = cached
         return cached
 
@@ -183,11 +181,7 @@ class GradientFlowCore:
         from thetascope.functional.gradients import global_grad_norm
 
         try:
-            params = self._groups(optimizer)[3]
-            key = None if optimizer is None else id(optimizer)
-            sharded = self._sharded_cache.get(key)
-            if sharded is None:
-                sharded = self._sharded_cache[key] = _sharded(params)
+            _, _, _, params, sharded = self._groups(optimizer)
             norm = _sharded_global_norm(params) if sharded else global_grad_norm(params)
         except Exception as err:
             self.guard.fail("grad_norms", err, self.rank)
@@ -218,7 +212,7 @@ class GradientFlowCore:
         """
         from thetascope.functional.gradients import grad_sq_norms_by_group
 
-        ids, groups, other, params = self._groups(optimizer)
+        ids, groups, other, params, sharded = self._groups(optimizer)
         n = len(self.blocks)
         device = next((p.grad.device for p in params if p.grad is not None), None)
         if device is None:
@@ -227,7 +221,7 @@ class GradientFlowCore:
         grad_sq, global_sq = torch.full((n,), math.nan, device=device), nan
         if self.guard.active("grad_norms"):
             try:
-                if _sharded(params):
+                if sharded:
                     # FSDP2: sums of squares of the local shards, weighted so that the sum over all ranks
                     # (the reduction below, with op "sum") counts every full parameter once
                     per_sq, global_sq = _sharded_sq_norms(groups, other)
