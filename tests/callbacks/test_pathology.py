@@ -46,12 +46,21 @@ def _profile(tmp: Path, norm: str, seed: int) -> dict[str, float]:
     return {k.rsplit("/", 1)[-1]: v for k, v in last.items() if k.startswith("stability/grad/")}
 
 
+def _median_profile(tmp: Path, norm: str) -> dict[str, float]:
+    # Post-LN at this learning rate is chaotic: one seed's profile at step 60 can flip with the float rounding
+    # of the machine (seed 1 gave an early/late ratio of 0.43 on one CPU and 3.6 on another), so each
+    # placement is read as the median over three seeds.
+    runs = [_profile(tmp / f"{norm}{seed}", norm, seed) for seed in (1, 2, 3)]
+    return {k: float(torch.tensor([r[k] for r in runs]).median()) for k in runs[0]}
+
+
 @pytest.mark.slow
 def test_post_ln_starves_early_layers_pre_ln_does_not(tmp_path: Path) -> None:
-    pre = _profile(tmp_path / "pre", "pre", seed=1)
-    post = _profile(tmp_path / "post", "post", seed=1)
+    pre = _median_profile(tmp_path, "pre")
+    post = _median_profile(tmp_path, "post")
     # DESIGN section 3 (300 steps, lr 1e-3): early/late ratio pre-LN ~1.76, post-LN ~0.33. This shorter run
-    # (60 steps, lr 3e-3; measured here: pre ~1.25, post ~0.43) shows the same direction: post-LN gradients
-    # grow with depth while the middle layers starve, pre-LN ones stay flat.
+    # (60 steps, lr 3e-3; medians over seeds 1-3 measured here: pre 1.24, post 0.0 with 8 of 12 layers
+    # vanishing) shows the same direction: post-LN gradients grow with depth while the early and middle layers
+    # starve, pre-LN ones stay flat.
     assert post["early_late_ratio"] < 0.8 < pre["early_late_ratio"], (pre, post)
     assert post["log_slope"] > pre["log_slope"] + 0.1, (pre, post)

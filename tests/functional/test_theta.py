@@ -203,6 +203,39 @@ def test_many_rows_are_processed_in_blocks() -> None:
     _assert_certified(whole, balanced_mass_exhaustive(p), p, 16)
 
 
+def test_reused_work_memory_leaves_no_trace_between_calls_or_threads() -> None:
+    # On CPU the bracket's work arrays are kept per thread and reused: results of one call must not alias
+    # them, and calls of other sizes, dtypes or threads in between must not change any result.
+    import threading
+
+    gen = torch.Generator().manual_seed(11)
+    inputs = [
+        torch.softmax(torch.randn(n, k, generator=gen, dtype=dtype) * 3, dim=-1)
+        for n, k, dtype in ((300, 40, torch.float32), (70, 12, torch.float64), (500, 9, torch.float32))
+    ]
+    alone = [balanced_mass_factor(p) for p in inputs]
+    copies = [(b.lower.clone(), b.upper.clone()) for b in alone]
+    results: dict[int, list[ThetaBounds]] = {}
+
+    def work(i: int) -> None:
+        results[i] = [balanced_mass_factor(p) for p in inputs[i:] + inputs[:i]]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for b, (lower, upper) in zip(alone, copies):
+        assert torch.equal(b.lower, lower)
+        assert torch.equal(b.upper, upper)
+    for i, got in results.items():
+        for b, (lower, upper) in zip(got, copies[i:] + copies[:i]):
+            assert torch.equal(b.lower, lower)
+            assert torch.equal(b.upper, upper)
+    for p, b in zip(inputs[1:2], alone[1:2]):  # short rows: also against the truth
+        _assert_certified(b, balanced_mass_exhaustive(p), p, 10)
+
+
 @pytest.mark.parametrize("scale", [0.5, 1.0, 2.0, 4.0, 8.0])
 def test_width_stays_below_the_square_of_the_largest_tail_entry(scale: float) -> None:
     # The documented guarantee, from the row alone: with q the (m+1)-th largest entry (the largest one left

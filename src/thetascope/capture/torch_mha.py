@@ -334,7 +334,7 @@ class TorchMHAAdapter(AttentionAdapter):
         if is_causal and kpm is None and not need_weights:
             # the kernel drops attn_mask and asks SDPA for its causal mask (top-left aligned)
             keys = torch.arange(src_len, device=device)
-            logits = logits.masked_fill(keys > pos.unsqueeze(-1), float("-inf"))
+            logits.masked_fill_(keys > pos.unsqueeze(-1), float("-inf"))
         elif attn_mask is not None:
             m = _float_mask(attn_mask)
             assert m is not None
@@ -345,13 +345,13 @@ class TorchMHAAdapter(AttentionAdapter):
                 rows = m4.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, m4.shape[-1]))
             if extra:
                 rows = F.pad(rows, (0, extra))
-            logits = logits + rows
+            logits.add_(rows)
         kpm_f = _float_mask(kpm)
         if kpm_f is not None:
             kpm_f = kpm_f.index_select(0, bi)
             if extra:
                 kpm_f = F.pad(kpm_f, (0, extra))
-            logits = logits + kpm_f[:, None, None, :]
+            logits.add_(kpm_f[:, None, None, :])
         return logits, pos
 
 

@@ -199,9 +199,13 @@ def global_grad_norm(params: Iterable[Tensor]) -> Tensor | None:
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return None
-    device = grads[0].device
-    norms = torch.stack([n.to(device, non_blocking=True) for n in _tensor_norms(grads)])
-    return torch.linalg.vector_norm(norms)
+    norms = _tensor_norms(grads)
+    try:  # one device (the usual case): no per-tensor copy call on the per-step path
+        stacked = torch.stack(norms)
+    except RuntimeError:  # parameters spread over devices: gather the norms on the first one
+        device = grads[0].device
+        stacked = torch.stack([n.to(device, non_blocking=True) for n in norms])
+    return torch.linalg.vector_norm(stacked)
 
 
 def grad_sq_norms_by_group(

@@ -12,6 +12,7 @@ Every function here normalises each row by its own sum first, so the value repor
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -154,6 +155,34 @@ def _half_masks(m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return cached
 
 
+class _Scratch(threading.local):
+    """Per-thread flat work arrays of the bracket, by (slot, dtype); see :func:`_scratch`."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[tuple[int, torch.dtype], Tensor] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def _scratch(slot: int, n_rows: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised ``[n_rows, width]`` work array; on CPU, the same memory on every call of this thread.
+
+    The bracket's ``[N, 2**(m-1)]`` temporaries are several MB: freshly allocated on CPU, they cost more to
+    fault in than the kernels that fill them (1.3 ms of 5.5 ms on 2048 rows of 128 keys, m = 10). Arrays
+    above ``_BLOCK_ELEMENTS`` are not kept, so a slot holds at most 8 MB (16 MB in float64) per thread.
+    Other devices have a caching allocator.
+    """
+    need = n_rows * width
+    if device.type != "cpu" or need > _BLOCK_ELEMENTS:
+        return torch.empty(n_rows, width, dtype=dtype, device=device)
+    flat = _SCRATCH.arrays.get((slot, dtype))
+    if flat is None or flat.numel() < need:
+        flat = torch.empty(need, dtype=dtype)
+        _SCRATCH.arrays[(slot, dtype)] = flat
+    return flat[:need].view(n_rows, width)
+
+
 def _argmin_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """``x.min(dim=-1)`` of ``[N, K]`` with ``K`` a power of two, as one ``amin`` and two small searches.
 
@@ -211,7 +240,12 @@ def _bracket_block(rows: Tensor, raw: Tensor, total64: Tensor, m: int) -> tuple[
     """
     n_rows, n_keys = rows.shape
     work = rows.dtype
-    top, idx = torch.topk(rows, m, dim=-1)  # sorted descending
+    # Sorted descending. The rows are finite and >= 0 (or -0.0, which then sorts last: still a zero), and such
+    # floats order exactly as their bit patterns read as integers: topk's integer comparisons skip the NaN
+    # handling of the float ones (0.87x the time on 2048 x 128 rows).
+    as_int = torch.int64 if work == torch.float64 else torch.int32
+    top, idx = torch.topk(rows.view(as_int), m, dim=-1)
+    top = top.view(work)
     # the top entries again in float64, from the raw values: the exact rows' arithmetic
     top64 = (
         raw.gather(-1, idx)
@@ -229,10 +263,12 @@ def _bracket_block(rows: Tensor, raw: Tensor, total64: Tensor, m: int) -> tuple[
     # with the per-row bias in place of item 0 (no longer needed in the work dtype), so both bounds below are
     # distances of t' to something, with no further subtraction.
     top[:, 0] = 0.5 - half_t
-    target = top @ _half_masks(m, rows.device, work)  # [N, 2**(m-1)]
+    target = _scratch(0, n_rows, 1 << (m - 1), work, rows.device)  # [N, 2**(m-1)]
+    torch.matmul(top, _half_masks(m, rows.device, work), out=target)
     # Upper bound on theta: at best the tail adds any amount in [0, T], and dist(1/2, [s, s + T]) =
     # max(|t'| - T/2, 0). The argmin is the best subset of the top m, used by the exact rows.
-    dist, best = _argmin_rows(target.abs())
+    magnitude = torch.abs(target, out=_scratch(1, n_rows, target.shape[1], work, rows.device))
+    dist, best = _argmin_rows(magnitude)
     delta_low = (dist - half_t).clamp_min_(0.0)
     # Lower bound on theta: the stair nearest to t' (stairs shifted by -T/2 like t') completes a real subset.
     # Searching the midpoints between stairs finds it in one search and one gather; a midpoint off by
@@ -243,12 +279,13 @@ def _bracket_block(rows: Tensor, raw: Tensor, total64: Tensor, m: int) -> tuple[
     # 1.6e-4 (1.2e-4 searching all) and the 99th percentile below 1.3e-5, for a seventh of the search time.
     if target.shape[1] > _SEARCH_ALL:
         target = target.gather(-1, best.unsqueeze(-1) ^ _near_best(m, rows.device))
-    stairs = torch.empty(n_rows, n_keys + 3, dtype=work, device=rows.device)
+    stairs = _scratch(2, n_rows, n_keys + 3, work, rows.device)
     stairs[:, 0] = -4.0  # sentinels: every t' in [-1, 1] lies strictly inside
     stairs[:, 1] = -half_t
     stairs[:, -1] = 4.0
     torch.sub(cums, half_t.unsqueeze(-1), out=stairs[:, 2:-1])
-    mids = 0.5 * (stairs[:, 1:] + stairs[:, :-1])  # [N, L + 2]
+    mids = torch.add(stairs[:, 1:], stairs[:, :-1], out=_scratch(3, n_rows, n_keys + 2, work, rows.device))
+    mids.mul_(0.5)  # [N, L + 2]
     j = torch.searchsorted(mids, target)  # mids[j - 1] < t' <= mids[j]: stairs[j] is the nearest
     err = stairs.gather(-1, j).sub_(target).abs_().amin(dim=-1)
     # Floor: putting items one by one into the lighter half leaves halves within p_max of each other.

@@ -124,7 +124,8 @@ def _theta_update(
 
 
 def _histogram_quantile(histogram: Tensor, q: float) -> Tensor:
-    """The q-quantile of the values binned into ``histogram`` (equal bins on [0, 1]), to within one bin width.
+    """The q-quantile of the values binned into ``histogram [..., n_bins]`` (equal bins on [0, 1]), to within
+    one bin width; one value per leading index.
 
     numpy's default (linear) definition: interpolate between the order statistics of ranks
     ``floor(q·(n−1))`` and the next one. Each order statistic is placed inside its bin as if the bin's values
@@ -134,12 +135,14 @@ def _histogram_quantile(histogram: Tensor, q: float) -> Tensor:
     Example:
         >>> _histogram_quantile(torch.tensor([0, 10, 0, 0]), 0.1)
         tensor(0.2850)
+        >>> _histogram_quantile(torch.tensor([[0, 10, 0, 0], [0, 0, 0, 0]]), 0.1)
+        tensor([0.2850,    nan])
     """
-    n_bins = histogram.numel()
+    n_bins = histogram.shape[-1]
     # float histograms come out of a packed collective; their counts are exact integers below 2**24
     counts = histogram.round().long() if histogram.is_floating_point() else histogram.long()
-    cumulative = counts.cumsum(0)
-    n = cumulative[-1]
+    cumulative = counts.cumsum(-1)
+    n = cumulative[..., -1]
     frac = Fraction(q).limit_denominator(1_000_000)
     rank_times_den = (n - 1).clamp_min(0) * frac.numerator
     rank = torch.div(rank_times_den, frac.denominator, rounding_mode="floor")
@@ -147,9 +150,10 @@ def _histogram_quantile(histogram: Tensor, q: float) -> Tensor:
 
     def order_statistic(j: Tensor) -> Tensor:
         # The first bin whose cumulative count exceeds j holds the j-th smallest value (0-based).
-        k = (cumulative <= j).sum().clamp_max(n_bins - 1)
-        offset = (j - (cumulative[k] - counts[k])).float()
-        return (k.float() + ((offset + 0.5) / counts[k].clamp_min(1)).clamp(0.0, 1.0)) / n_bins
+        k = (cumulative <= j.unsqueeze(-1)).sum(-1).clamp_max(n_bins - 1).unsqueeze(-1)
+        in_bin = counts.gather(-1, k).squeeze(-1)
+        offset = (j - (cumulative.gather(-1, k).squeeze(-1) - in_bin)).float()
+        return (k.squeeze(-1).float() + ((offset + 0.5) / in_bin.clamp_min(1)).clamp(0.0, 1.0)) / n_bins
 
     low = order_statistic(rank)
     high = order_statistic(torch.minimum(rank + 1, (n - 1).clamp_min(0)))
@@ -182,6 +186,8 @@ def _theta_compute(
 
     Returns ``max``, ``max_lower``, ``mean`` (of the bracket midpoints), ``frac_ge_threshold``, one
     ``p<percent>`` per quantile (see :func:`quantile_key`), ``max_width``, ``n_rows`` and ``n_nonfinite``.
+    The increments may carry leading dimensions (e.g. one per layer: ``[K]`` fields and a ``[K, n_bins]``
+    histogram); every value then has them too.
 
     Example:
         >>> b = ThetaBounds(torch.tensor([0.5, 1.0]), torch.tensor([0.5, 1.0]))

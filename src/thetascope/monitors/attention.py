@@ -65,6 +65,15 @@ _LAYER_OPS: dict[str, str] = {
     "failed": "max",
 }
 _RUN_OPS: dict[str, str] = {"tau": "max", "spectral_failed": "max"}
+# Reduced per-layer values logged as they are.
+_PLAIN_FIELDS = (
+    "attn_input_max_norm",
+    "residual_max_norm",
+    "nonfinite_rows",
+    "proj_norm",
+    "lipschitz_bound",
+    "max_logit",
+)
 _SEP = "|"  # between the layer name and the field in measure()'s keys (layer names may hold a "/")
 
 
@@ -437,39 +446,33 @@ class AttentionMonitor(AttentionSettings):
     def _values(self, reduced: Mapping[str, Tensor], layers: list[LayerRecord]) -> dict[str, float]:
         p = self.prefix
         tau = float(reduced["tau"]) if "tau" in reduced else float(self.probe.temperature)
+        # Every layer's increments stacked ([K] per field, [K, bins] histograms): one computation and one
+        # host transfer for all layers instead of a few dozen small ops and float() calls per layer.
+        names = [layer_name(rec) for rec in layers]
         table: list[dict[str, float]] = []
-        for rec in layers:
-            name = layer_name(rec)
+        if names:
 
-            def get(field: str, name: str = name) -> Tensor:
-                return reduced[f"{name}{_SEP}{field}"]
+            def stacked(field: str) -> Tensor:
+                return torch.stack([reduced[f"{name}{_SEP}{field}"] for name in names])
 
-            inc = ThetaIncrement(**{k: get(f"theta/{k}") for k in THETA_INCREMENT_OPS})
+            inc = ThetaIncrement(**{k: stacked(f"theta/{k}") for k in THETA_INCREMENT_OPS})
             theta = _theta_compute(*inc, quantiles=THETA_QUANTILES)
-            entropy = _entropy_compute(*(get(f"entropy/{k}") for k in ENTROPY_INCREMENT_OPS))
-            table.append(
-                {
-                    "theta_max": float(theta["max"]),
-                    "theta_max_lower": float(theta["max_lower"]),
-                    "theta_mean": float(theta["mean"]),
-                    "theta_frac_099": float(theta["frac_ge_threshold"]),
-                    "theta_p10": float(theta["p10"]),
-                    "theta_width": float(theta["max_width"]),
-                    "entropy": float(entropy["mean"]),
-                    **{
-                        f: float(get(f))
-                        for f in (
-                            "attn_input_max_norm",
-                            "residual_max_norm",
-                            "nonfinite_rows",
-                            "proj_norm",
-                            "lipschitz_bound",
-                            "max_logit",
-                        )
-                    },
-                    "sensitivity": math.nan,  # below, from the reduced factors of every layer
-                }
-            )
+            entropy = _entropy_compute(*(stacked(f"entropy/{k}") for k in ENTROPY_INCREMENT_OPS))
+            columns = {
+                "theta_max": theta["max"],
+                "theta_max_lower": theta["max_lower"],
+                "theta_mean": theta["mean"],
+                "theta_frac_099": theta["frac_ge_threshold"],
+                "theta_p10": theta["p10"],
+                "theta_width": theta["max_width"],
+                "entropy": entropy["mean"],
+                **{f: stacked(f) for f in _PLAIN_FIELDS},
+            }
+            values = torch.stack([c.float() for c in columns.values()]).tolist()  # [fields][K]
+            table = [
+                {**{f: col[i] for f, col in zip(columns, values)}, "sensitivity": math.nan}
+                for i in range(len(names))
+            ]  # sensitivity below, from the reduced factors of every layer
         sens_max = math.nan
         if any(math.isfinite(row["proj_norm"]) for row in table):  # no G (spectral norms disabled): no S
             theta_max, b_bar, proj_norm = (
