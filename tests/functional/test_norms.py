@@ -79,3 +79,10 @@ def test_batch_dims_broadcast_mask_and_dtypes() -> None:
 def test_bad_input(x: torch.Tensor, mask: torch.Tensor | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         block_rms_norm(x, mask)
+
+
+def test_float32_tokens_whose_squares_overflow_get_their_finite_norm() -> None:
+    # 3e19**2 overflows float32, the norm 5e19 does not: reduced in float64, compared with math.hypot.
+    x = torch.tensor([[3e19, 4e19], [1.0, 2.0], [float("inf"), 0.0]])
+    assert float(max_token_norm(x)) == pytest.approx(math.hypot(3e19, 4e19), rel=1e-6)
+    assert int(count_nonfinite_tokens(x)) == 1

@@ -236,6 +236,23 @@ def test_reused_work_memory_leaves_no_trace_between_calls_or_threads() -> None:
         _assert_certified(b, balanced_mass_exhaustive(p), p, 10)
 
 
+def test_work_memory_survives_inference_mode_in_either_order() -> None:
+    # Lightning validates under torch.inference_mode: work arrays first made there must still be writable in a
+    # training step afterwards, and the other way round.
+    import thetascope.functional.theta as theta_module
+
+    p = torch.softmax(torch.randn(64, 40, generator=torch.Generator().manual_seed(2)), dim=-1)
+    theta_module._SCRATCH.arrays.clear()
+    with torch.inference_mode():
+        first = balanced_mass_factor(p)
+    outside = balanced_mass_factor(p)
+    with torch.inference_mode():
+        again = balanced_mass_factor(p)
+    for b in (outside, again):
+        assert torch.equal(b.lower, first.lower)
+        assert torch.equal(b.upper, first.upper)
+
+
 @pytest.mark.parametrize("scale", [0.5, 1.0, 2.0, 4.0, 8.0])
 def test_width_stays_below_the_square_of_the_largest_tail_entry(scale: float) -> None:
     # The documented guarantee, from the row alone: with q the (m+1)-th largest entry (the largest one left

@@ -36,7 +36,8 @@ def _check(x: Tensor, mask: Tensor | None) -> None:
 def _token_norms(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token 2-norms ``[..., L]`` (float32 or better) and a bool ``[..., L]``: token all finite."""
     x = x.detach()
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or x.device.type not in ("cpu", "cuda"):  # (MPS has no float64)
+        x = x if x.dtype == torch.float64 else x.float()
         return torch.linalg.vector_norm(x, dim=-1), torch.isfinite(x).all(dim=-1)
     # Reduced in float64, where no square of a float32 or half entry overflows: a norm is then non-finite
     # exactly when its token holds a NaN or inf, so one pass over x replaces a finiteness pass and a norm pass

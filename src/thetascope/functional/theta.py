@@ -178,7 +178,8 @@ def _scratch(slot: int, n_rows: int, width: int, dtype: torch.dtype, device: tor
         return torch.empty(n_rows, width, dtype=dtype, device=device)
     flat = _SCRATCH.arrays.get((slot, dtype))
     if flat is None or flat.numel() < need:
-        flat = torch.empty(need, dtype=dtype)
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            flat = torch.empty(need, dtype=dtype)
         _SCRATCH.arrays[(slot, dtype)] = flat
     return flat[:need].view(n_rows, width)
 
