@@ -450,6 +450,7 @@ class AttentionMonitor(AttentionSettings):
         # host transfer for all layers instead of a few dozen small ops and float() calls per layer.
         names = [layer_name(rec) for rec in layers]
         table: list[dict[str, float]] = []
+        columns: dict[str, Tensor] = {}
         if names:
 
             def stacked(field: str) -> Tensor:
@@ -472,14 +473,16 @@ class AttentionMonitor(AttentionSettings):
             table = [
                 {**{f: col[i] for f, col in zip(columns, values)}, "sensitivity": math.nan}
                 for i in range(len(names))
-            ]  # sensitivity below, from the reduced factors of every layer
+            ]
         sens_max = math.nan
         if any(math.isfinite(row["proj_norm"]) for row in table):  # no G (spectral norms disabled): no S
-            theta_max, b_bar, proj_norm = (
-                torch.tensor([row[f] for row in table])
-                for f in ("theta_max", "attn_input_max_norm", "proj_norm")
+            # S_l from the reduced factors of every layer, the stacked columns above
+            t, b, g, bad = _sensitivity_update(
+                columns["theta_max"].float(),
+                columns["attn_input_max_norm"].float(),
+                columns["proj_norm"].float(),
+                tau,
             )
-            t, b, g, bad = _sensitivity_update(theta_max, b_bar, proj_norm, tau)
             sens = _sensitivity_compute(t, b, g, bad)
             for row, s in zip(table, sens["sensitivity"].tolist()):
                 row["sensitivity"] = s
