@@ -189,7 +189,7 @@ def test_failure_warns_once_and_disables(tmp_path: Path) -> None:
     def boom(value: Tensor) -> Tensor:
         raise RuntimeError("detector exploded")
 
-    mon.grad_detector.update = boom  # type: ignore[method-assign]
+    mon.grad_detector.push = boom  # type: ignore[method-assign]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(tmp_path, [mon], steps=4, logger=None).fit(LM("demo-pre"), token_data())
@@ -200,7 +200,7 @@ def test_failure_warns_once_and_disables(tmp_path: Path) -> None:
     assert "stability/grad_norm/global" in mon.last_values  # the rest still measured
 
     strict = GradientFlowMonitor(every_n_steps=1, strict=True)
-    strict.grad_detector.update = boom  # type: ignore[method-assign]
+    strict.grad_detector.push = boom  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="detector exploded"):
         trainer(tmp_path, [strict], steps=2, logger=None).fit(LM("demo-pre"), token_data())
 

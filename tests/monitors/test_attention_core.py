@@ -180,3 +180,39 @@ def test_layer_without_found_projections_keeps_theta_and_drops_only_g() -> None:
         assert layer_key("stability/", field, 0) not in got
         assert math.isfinite(got[layer_key("stability/", field, 1)])
     assert mon.guard.active("spectral")
+
+
+def test_layers_measured_together_give_the_per_layer_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.functional.test_spikes import _OpCount
+
+    model, x = _model(n_layer=4), _batch()
+    mon = AttentionMonitor(model, rows_per_head=8, strict=True)
+    with mon.capture():
+        model(x)
+    mon.measure()  # the power iteration's cold start: the calls below are warm ones
+    with _OpCount() as ops:
+        values = mon.measure()
+    assert len(mon._stats_together(mon.probe.layers)) == 4  # one group: every layer has the same rows
+    got = mon.reduce(values)
+    monkeypatch.setattr(AttentionMonitor, "_stats_together", lambda self, recs: {})
+    with _OpCount() as per_layer_ops:
+        per_layer = mon.reduce(mon.measure())
+    # the spectral estimator advanced between the two calls: only the values of the rows are compared
+    spectral = ("proj_norm", "sensitivity", "lipschitz_bound")
+    rows = {k: v for k, v in got.items() if not any(f in k for f in spectral)}
+    assert len(rows) > 30
+    assert rows == {k: per_layer[k] for k in rows}
+    assert ops.n < per_layer_ops.n - 150  # about 90 operations per layer less than one at a time
+
+
+def test_a_failing_group_falls_back_to_the_layers_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = _model(n_layer=3), _batch()
+    mon = AttentionMonitor(model, rows_per_head=8, strict=True)
+    expected = _measure(mon, model, x)
+
+    def broken(self: AttentionMonitor, recs: list[Any]) -> dict[str, torch.Tensor]:
+        raise RuntimeError("stacking failed")
+
+    monkeypatch.setattr(AttentionMonitor, "_group_stats", broken)
+    mon2 = AttentionMonitor(_model(n_layer=3), rows_per_head=8, strict=True)
+    assert _measure(mon2, mon2.model, x).keys() == expected.keys()

@@ -121,6 +121,26 @@ def test_unmeasured_steps_neither_sync_nor_communicate(monkeypatch: pytest.Monke
     assert spy.calls
 
 
+def test_an_unmeasured_step_runs_a_dozen_device_operations() -> None:
+    # kernel launches on a GPU: one fused norm (3 operations) and two deferred detector pushes (one copy each,
+    # plus a settlement and a baseline every 10th step); eager detector updates would add about 60
+    from tests.functional.test_spikes import _OpCount
+
+    model = _gpt(4)
+    core = GradientFlowCore(model)
+    counts = []
+    for step in range(60):
+        loss = _backward(model, seed=step)
+        with _OpCount() as ops:
+            core.observe_step()
+            core.observe_loss(loss)
+        counts.append(ops.n)
+        model.zero_grad()
+    steady = counts[30:]
+    assert sum(steady) / len(steady) < 15
+    assert min(steady) <= 5
+
+
 def test_spike_counts_since_previous_measurement_and_state_round_trip() -> None:
     model = _gpt(2)
     core = GradientFlowCore(model, spike_window=10, strict=True)
@@ -257,3 +277,21 @@ def test_single_stack_models_keep_plain_keys() -> None:
         "stability/grad_norm/layer_00",
         "stability/grad_norm/layer_01",
     ]
+
+
+def test_a_detector_that_cannot_be_read_at_a_measurement_warns_and_logs_no_nan() -> None:
+    from thetascope.functional.spikes import SpikeDetector
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    core = GradientFlowCore(model)
+    model(torch.ones(2, 4)).sum().backward()
+    core.observe_step()
+
+    def unreadable(self: SpikeDetector) -> None:
+        raise RuntimeError("settling failed")
+
+    core.grad_detector._settle = unreadable.__get__(core.grad_detector)  # type: ignore[method-assign]
+    with pytest.warns(RuntimeWarning, match="settling failed"):
+        logged = core.reduce(core.measure())
+    assert all(math.isfinite(v) for v in logged.values())
+    assert "stability/grad/spike" in logged

@@ -32,7 +32,12 @@ class SpikeDetector:
     window; ``refresh_every=1`` recomputes it every call. The schedule counts calls on the host, so it needs
     no sync.
 
-    :meth:`update` never synchronises with the host (no ``.item()``, no branching on values). The state
+    :meth:`update` returns the decision on its value at once. :meth:`push` defers it: the values of a block
+    (the calls between two refreshes) are all judged against the same baseline, so they are stored with one
+    device copy each and judged together, in order, when the block ends or the state is read (the counters
+    and the buffer below are properties that do so). The decisions and the state are those of :meth:`update`
+    value by value, for about 4 device operations per call instead of about 20. Neither synchronises with the
+    host (no ``.item()``, no branching on values). The state
     (buffer, position, counters, baseline) round-trips exactly through :meth:`state_dict` /
     :meth:`load_state_dict`, so a resumed run makes the same future decisions as an uninterrupted one.
 
@@ -93,32 +98,78 @@ class SpikeDetector:
         self._init_state(torch.device("cpu"))
 
     def _init_state(self, device: torch.device) -> None:
-        self.buffer = torch.full((self.window,), float("nan"), dtype=torch.float32, device=device)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.n_finite = torch.zeros((), dtype=torch.long, device=device)
-        self.n_seen = torch.zeros((), dtype=torch.long, device=device)
-        self.n_spikes = torch.zeros((), dtype=torch.long, device=device)
-        self.n_nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        # ring buffer plus one trash slot at index ``window``: values that must not enter the buffer (the
+        # non-finite ones) are written there, so a whole block is stored by one index_copy_
+        self._ring = torch.full((self.window + 1,), float("nan"), dtype=torch.float32, device=device)
+        self._pos = torch.zeros((), dtype=torch.long, device=device)
+        self._n_finite = torch.zeros((), dtype=torch.long, device=device)
+        self._n_seen = torch.zeros((), dtype=torch.long, device=device)
+        self._n_spikes = torch.zeros((), dtype=torch.long, device=device)
+        self._n_nonfinite = torch.zeros((), dtype=torch.long, device=device)
         self.median = torch.full((), float("nan"), dtype=torch.float32, device=device)
         self.mad = torch.full((), float("nan"), dtype=torch.float32, device=device)
         self._limit = torch.full((), float("nan"), dtype=torch.float32, device=device)
-        self._calls = 0  # update() calls so far, counted on the host: the refresh schedule
+        self._last_spike = torch.zeros((), dtype=torch.bool, device=device)
+        # values pushed since the last settlement; they are all judged against the same baseline (see push)
+        self._pending = torch.empty(min(self.refresh_every, self.window), dtype=torch.float32, device=device)
+        self._n_pending = 0
+        self._calls = 0  # push() calls so far, counted on the host: the refresh schedule
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {
-            "buffer": self.buffer,
-            "pos": self.pos,
-            "n_finite": self.n_finite,
-            "n_seen": self.n_seen,
-            "n_spikes": self.n_spikes,
-            "n_nonfinite": self.n_nonfinite,
+            "_ring": self._ring,
+            "_pos": self._pos,
+            "_n_finite": self._n_finite,
+            "_n_seen": self._n_seen,
+            "_n_spikes": self._n_spikes,
+            "_n_nonfinite": self._n_nonfinite,
             "median": self.median,
             "mad": self.mad,
             "_limit": self._limit,
+            "_last_spike": self._last_spike,
+            "_pending": self._pending,
         }
+
+    # The state as of the last value pushed (reading it settles the pending values first).
+    @property
+    def buffer(self) -> Tensor:
+        """The ring buffer ``[window]`` of the last finite values (NaN where not yet filled)."""
+        self._settle()
+        return self._ring[: self.window]
+
+    @property
+    def pos(self) -> Tensor:
+        """0-dim long: the ring index the next finite value goes to."""
+        self._settle()
+        return self._pos
+
+    @property
+    def n_finite(self) -> Tensor:
+        """0-dim long: finite values seen."""
+        self._settle()
+        return self._n_finite
+
+    @property
+    def n_seen(self) -> Tensor:
+        """0-dim long: values seen."""
+        self._settle()
+        return self._n_seen
+
+    @property
+    def n_spikes(self) -> Tensor:
+        """0-dim long: values flagged (non-finite ones included)."""
+        self._settle()
+        return self._n_spikes
+
+    @property
+    def n_nonfinite(self) -> Tensor:
+        """0-dim long: non-finite values seen."""
+        self._settle()
+        return self._n_nonfinite
 
     def to(self, device: torch.device | str) -> SpikeDetector:
         """Move the state to ``device`` (done automatically on the first :meth:`update` with a new device)."""
+        self._settle()
         for name, t in self._state_tensors().items():
             setattr(self, name, t.to(device))
         return self
@@ -126,7 +177,7 @@ class SpikeDetector:
     @property
     def device(self) -> torch.device:
         """Device of the state tensors."""
-        return self.buffer.device
+        return self._ring.device
 
     def reset(self) -> None:
         """Clear the history and the counters (keeps the device)."""
@@ -134,8 +185,9 @@ class SpikeDetector:
 
     def baseline(self) -> tuple[Tensor, Tensor]:
         """``(median, MAD)`` of the buffer now (NaN while empty); :meth:`update` uses a cached copy."""
-        med = torch.nanmedian(self.buffer)
-        return med, torch.nanmedian((self.buffer - med).abs())
+        buf = self.buffer
+        med = torch.nanmedian(buf)
+        return med, torch.nanmedian((buf - med).abs())
 
     def _refresh_due(self) -> bool:
         return self._calls < self.min_history or self._calls % self.refresh_every == 0
@@ -143,37 +195,69 @@ class SpikeDetector:
     def update(self, value: Tensor | float) -> Tensor:
         """Decide whether ``value`` is a spike against the history, then add it to the history if finite.
 
+        :meth:`push` followed by settling the pending values (about 25 small device operations per call);
+        use :meth:`push` on a per-step path and read the counters when needed.
+
         Args:
             value: a scalar (0-dim or one-element tensor, any float dtype, or a Python number).
 
         Returns:
             0-dim bool tensor on the state's device (the value's device once it has been seen).
         """
+        self.push(value)
+        self._settle()
+        return self._last_spike
+
+    def push(self, value: Tensor | float) -> None:
+        """Add ``value`` to the series; it is judged (and counted) on the next read of the state.
+
+        The same decisions as :meth:`update` for the same values, at one device copy per call and one
+        settlement (about 25 small operations) per baseline refresh, instead of about 20 operations per call.
+
+        Args:
+            value: a scalar (0-dim or one-element tensor, any float dtype, or a Python number).
+        """
         if isinstance(value, Tensor):
             if value.device != self.device:
                 self.to(value.device)
-            v = value.detach().reshape(()).to(torch.float32)
+            v = value.detach().reshape(())
         else:
             v = torch.tensor(float(value), dtype=torch.float32, device=self.device)
-        finite = torch.isfinite(v)
-        nonfinite = ~finite
         if self._refresh_due():
+            # the values of the previous block are judged against its own baseline, then the buffer, which
+            # now holds them, gives the baseline of the block that starts with this value
+            self._settle()
             self.median, self.mad = self.baseline()
             self._limit = self._limit_of(self.median, self.mad)
+        elif self._n_pending == self._pending.numel():
+            self._settle()  # within a block the baseline is fixed: settling early changes nothing
+        self._pending[self._n_pending].copy_(v)  # converts to float32
+        self._n_pending += 1
         self._calls += 1
-        ready = self.n_finite >= self.min_history
+
+    def _settle(self) -> None:
+        """Judge the pending values (all against ``_limit``), add the finite ones to the buffer in order."""
+        k = self._n_pending
+        if k == 0:
+            return
+        self._n_pending = 0
+        v = self._pending[:k]
+        finite = torch.isfinite(v)
+        count = finite.long()
+        before = torch.cumsum(count, 0) - count  # finite values of this block before each value
         # comparisons with NaN (empty buffer, NaN value) are False
-        spike = (ready & (v > self._limit)) | nonfinite
-        slot = self.pos.reshape(1)
-        keep = self.buffer.index_select(0, slot)
-        self.buffer.index_copy_(0, slot, torch.where(finite, v.reshape(1), keep))
-        step = finite.long()
-        self.pos = (self.pos + step) % self.window
-        self.n_finite = self.n_finite + step
-        self.n_seen = self.n_seen + 1
-        self.n_spikes = self.n_spikes + spike
-        self.n_nonfinite = self.n_nonfinite + nonfinite
-        return spike
+        ready = (self._n_finite + before) >= self.min_history
+        spike = (ready & (v > self._limit)) | ~finite
+        # k <= window, so the finite values get distinct ring slots; the others go to the trash slot
+        slots = torch.where(finite, (self._pos + before) % self.window, self.window)
+        self._ring.index_copy_(0, slots, v)
+        added = count.sum()
+        self._pos = (self._pos + added) % self.window
+        self._n_finite = self._n_finite + added
+        self._n_seen = self._n_seen + k
+        self._n_spikes = self._n_spikes + spike.sum()
+        self._n_nonfinite = self._n_nonfinite + (k - added)
+        self._last_spike = spike[-1]
 
     def _limit_of(self, med: Tensor, mad: Tensor) -> Tensor:
         # the spike threshold of a baseline: median + threshold * 1.4826 * max(MAD, 1e-6 |median|)
@@ -184,6 +268,7 @@ class SpikeDetector:
 
         Reads the device state (a sync; call it only when checkpointing).
         """
+        self._settle()
         return {
             "window": self.window,
             "threshold": self.threshold,
@@ -192,12 +277,12 @@ class SpikeDetector:
             "calls": self._calls,
             "median": float(self.median),
             "mad": float(self.mad),
-            "buffer": self.buffer.detach().cpu().clone(),
-            "pos": int(self.pos),
-            "n_finite": int(self.n_finite),
-            "n_seen": int(self.n_seen),
-            "n_spikes": int(self.n_spikes),
-            "n_nonfinite": int(self.n_nonfinite),
+            "buffer": self._ring[: self.window].detach().cpu().clone(),
+            "pos": int(self._pos),
+            "n_finite": int(self._n_finite),
+            "n_seen": int(self._n_seen),
+            "n_spikes": int(self._n_spikes),
+            "n_nonfinite": int(self._n_nonfinite),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -238,9 +323,10 @@ class SpikeDetector:
         self.window, self.threshold, self.min_history = checked.window, checked.threshold, checked.min_history
         self.refresh_every = checked.refresh_every
         device = self.device
-        self.buffer = buffer.clone().to(device)
+        self._init_state(device)  # fresh pending buffer and trash slot for the restored window
+        self._ring[:window].copy_(buffer)
         for name in ("pos", "n_finite", "n_seen", "n_spikes", "n_nonfinite"):
-            setattr(self, name, torch.tensor(int(state[name]), dtype=torch.long, device=device))
+            setattr(self, f"_{name}", torch.tensor(int(state[name]), dtype=torch.long, device=device))
         if "calls" in state:
             self._calls = int(state["calls"])
             self.median = torch.tensor(float(state["median"]), dtype=torch.float32, device=device)

@@ -75,52 +75,65 @@ ENTROPY_INCREMENT_OPS: dict[str, str] = {
 
 
 def _masked_extreme(values: Tensor, valid: Tensor, largest: bool) -> Tensor:
-    """Max (or min) of ``values`` where ``valid``; -inf (+inf) when nothing is valid. No host sync."""
+    """Max (or min) over the last dim of ``values [K, N]`` where ``valid``: ``[K]``, -inf (+inf) if none is.
+
+    No host sync.
+    """
     fill = -math.inf if largest else math.inf
-    if values.numel() == 0:
-        return torch.tensor(fill, dtype=values.dtype, device=values.device)
+    if values.shape[-1] == 0:
+        return torch.full(values.shape[:-1], fill, dtype=values.dtype, device=values.device)
     masked = values.masked_fill(~valid, fill)
-    return masked.amax() if largest else masked.amin()
+    return masked.amax(dim=-1) if largest else masked.amin(dim=-1)
+
+
+def _rows(x: Tensor, stacked: bool) -> Tensor:
+    """``[K, N]``: the rows of each of the ``K = x.shape[0]`` stacked inputs, or ``K = 1``: all of ``x``."""
+    if stacked and x.dim() == 0:
+        raise ValueError("stacked=True needs a leading dimension (one entry per input)")
+    x = x.reshape(x.shape[0], -1) if stacked else x.reshape(1, -1)
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _theta_update(
-    bounds: ThetaBounds, threshold: float = 0.99, n_bins: int = DEFAULT_THETA_BINS
+    bounds: ThetaBounds, threshold: float = 0.99, n_bins: int = DEFAULT_THETA_BINS, *, stacked: bool = False
 ) -> ThetaIncrement:
     """Increments for theta brackets of any shape; non-finite rows are counted, not used.
+
+    With ``stacked=True`` the leading dimension indexes independent inputs (e.g. layers): every field gets
+    that dimension (``[K]``, the histogram ``[K, n_bins]``), computed by the same kernels as one input.
 
     Example:
         >>> b = ThetaBounds(torch.tensor([0.5, 1.0]), torch.tensor([0.5, 1.0]))
         >>> inc = _theta_update(b, 0.99, 4)
         >>> inc.n_rows, inc.n_ge_threshold, inc.histogram
         (tensor(2), tensor(1), tensor([0, 0, 1, 1]))
+        >>> _theta_update(ThetaBounds(b.lower[:, None], b.upper[:, None]), 0.99, 4, stacked=True).n_rows
+        tensor([1, 1])
     """
-    lower = bounds.lower.reshape(-1)
-    upper = bounds.upper.reshape(-1)
-    if lower.shape != upper.shape:
-        raise ValueError(
-            f"lower and upper bounds differ in shape: {tuple(lower.shape)} vs {tuple(upper.shape)}"
-        )
-    if lower.dtype in (torch.float16, torch.bfloat16):
-        lower, upper = lower.float(), upper.float()
+    if bounds.lower.shape != bounds.upper.shape:
+        shapes = f"{tuple(bounds.lower.shape)} vs {tuple(bounds.upper.shape)}"
+        raise ValueError(f"lower and upper bounds differ in shape: {shapes}")
+    lower, upper = _rows(bounds.lower, stacked), _rows(bounds.upper, stacked)  # [K, N]
     valid = torch.isfinite(lower) & torch.isfinite(upper)
-    n_rows = valid.sum()
+    n_rows = valid.sum(dim=-1)
     mid = torch.where(valid, 0.5 * (lower + upper), 0.0)
     # Non-finite rows go to an overflow bin (index n_bins) that is dropped; scatter_add_ keeps this on device
     # (bincount would sync to size its output).
     index = (mid * n_bins).floor().clamp(0, n_bins - 1).long()
     index = torch.where(valid, index, n_bins)
-    histogram = torch.zeros(n_bins + 1, dtype=torch.long, device=mid.device)
-    histogram.scatter_add_(0, index, torch.ones_like(index))
-    return ThetaIncrement(
+    histogram = torch.zeros(index.shape[0], n_bins + 1, dtype=torch.long, device=mid.device)
+    histogram.scatter_add_(1, index, torch.ones_like(index))
+    inc = ThetaIncrement(
         n_rows=n_rows,
-        n_nonfinite=valid.numel() - n_rows,
-        sum_mid=mid.sum(),
+        n_nonfinite=valid.shape[-1] - n_rows,
+        sum_mid=mid.sum(dim=-1),
         max_upper=_masked_extreme(upper, valid, largest=True),
         max_lower=_masked_extreme(lower, valid, largest=True),
         max_width=_masked_extreme(upper - lower, valid, largest=True),
-        n_ge_threshold=(valid & (lower >= threshold)).sum(),
-        histogram=histogram[:n_bins],
+        n_ge_threshold=(valid & (lower >= threshold)).sum(dim=-1),
+        histogram=histogram[:, :n_bins],
     )
+    return inc if stacked else ThetaIncrement(*(t[0] for t in inc))
 
 
 def _histogram_quantile(histogram: Tensor, q: float) -> Tensor:
@@ -215,26 +228,27 @@ def _theta_compute(
     return out
 
 
-def _entropy_update(entropy: Tensor) -> EntropyIncrement:
+def _entropy_update(entropy: Tensor, *, stacked: bool = False) -> EntropyIncrement:
     """Increments for per-row entropies (nats) of any shape; non-finite rows are counted, not used.
+
+    ``stacked=True``: the leading dimension indexes independent inputs, as in :func:`_theta_update`.
 
     Example:
         >>> inc = _entropy_update(torch.tensor([0.0, 1.0, float("nan")]))
         >>> inc.n_rows, inc.n_nonfinite, inc.sum_entropy
         (tensor(2), tensor(1), tensor(1.))
     """
-    entropy = entropy.reshape(-1)
-    if entropy.dtype in (torch.float16, torch.bfloat16):
-        entropy = entropy.float()
+    entropy = _rows(entropy, stacked)  # [K, N]
     valid = torch.isfinite(entropy)
-    n_rows = valid.sum()
-    return EntropyIncrement(
+    n_rows = valid.sum(dim=-1)
+    inc = EntropyIncrement(
         n_rows=n_rows,
-        n_nonfinite=valid.numel() - n_rows,
-        sum_entropy=torch.where(valid, entropy, 0.0).sum(),
+        n_nonfinite=valid.shape[-1] - n_rows,
+        sum_entropy=torch.where(valid, entropy, 0.0).sum(dim=-1),
         min_entropy=_masked_extreme(entropy, valid, largest=False),
         max_entropy=_masked_extreme(entropy, valid, largest=True),
     )
+    return inc if stacked else EntropyIncrement(*(t[0] for t in inc))
 
 
 def _entropy_compute(

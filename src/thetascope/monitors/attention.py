@@ -227,6 +227,7 @@ class AttentionMonitor(AttentionSettings):
         )
         select_layers(self.layers, len(self.probe.layers))  # a bad layers= is a configuration error
         self._captures_before: dict[int, int] = {}
+        self._together: dict[int, dict[str, Tensor]] = {}
         self._last_columns: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------------------------------ capture
@@ -320,8 +321,85 @@ class AttentionMonitor(AttentionSettings):
             tau=self.probe.temperature,
         )
 
+    def _captured(self, rec: LayerRecord) -> bool:
+        """Whether the layer ran (and its kernel was seen) in the measured forward."""
+        return rec.theta is not None and rec.n_captures != self._captures_before.get(id(rec), -1)
+
+    def _stats_together(self, recs: list[LayerRecord]) -> dict[int, dict[str, Tensor]]:
+        """:meth:`_layer_stats` of the captured layers, by ``id``, for those whose rows share one layout.
+
+        The increments of a group of layers with equal row shapes come from one set of kernels over the
+        stacked rows (a few dozen operations for all of them instead of for each); the values are those of
+        :meth:`_layer_stats` layer by layer. A group whose stacked computation fails is left out, so that the
+        per-layer path attributes the failure to its layer.
+        """
+        groups: dict[tuple[Any, ...], list[LayerRecord]] = {}
+        for rec in recs:
+            if not self._captured(rec):
+                continue
+            assert rec.theta is not None
+            optional = (rec.entropy, rec.max_logit, rec.attn_input_max_norm, rec.residual_max_norm)
+            layout: tuple[Any, ...] = (tuple(rec.theta.lower.shape), rec.theta.lower.device)
+            layout += (rec.theta.lower.dtype, rec.n_nonfinite_rows is None)
+            layout += tuple(None if t is None else (tuple(t.shape), t.dtype) for t in optional)
+            groups.setdefault(layout, []).append(rec)
+        out: dict[int, dict[str, Tensor]] = {}
+        for group in groups.values():
+            if len(group) < 2:
+                continue
+            try:
+                with torch.no_grad():
+                    stacked = self._group_stats(group)
+            except Exception:
+                continue
+            for i, rec in enumerate(group):
+                out[id(rec)] = {k: v[i] for k, v in stacked.items()}
+        return out
+
+    def _group_stats(self, recs: list[LayerRecord]) -> dict[str, Tensor]:
+        """:meth:`_layer_stats` of layers with equal row layouts, every value with a leading layer dim [K]."""
+        thetas = [r.theta for r in recs]
+        assert all(t is not None for t in thetas)
+        lower = torch.stack([t.lower for t in thetas if t is not None]).float()  # [K, ...]
+        upper = torch.stack([t.upper for t in thetas if t is not None]).float()
+        k = lower.shape[0]
+        valid = torch.isfinite(lower) & torch.isfinite(upper)
+        theta_inc = _theta_update(
+            ThetaBounds(lower, upper), THETA_THRESHOLD, DEFAULT_THETA_BINS, stacked=True
+        )
+        entropies = [r.entropy for r in recs]
+        if all(e is not None for e in entropies):
+            ent = torch.stack([e for e in entropies if e is not None]).float()
+        else:
+            ent = torch.full_like(lower, math.nan)
+        ent_inc = _entropy_update(torch.where(valid, ent, math.nan), stacked=True)
+        out = {f"theta/{f}": v.float() for f, v in theta_inc._asdict().items()}
+        out.update({f"entropy/{f}": v.float() for f, v in ent_inc._asdict().items()})
+        nan = torch.full((k,), math.nan, device=lower.device)
+        for field in ("attn_input_max_norm", "residual_max_norm", "n_nonfinite_rows"):
+            values = [getattr(r, field) for r in recs]
+            key = "nonfinite_rows" if field == "n_nonfinite_rows" else field
+            out[key] = torch.stack([v.reshape(()) for v in values]).float() if values[0] is not None else nan
+        if recs[0].max_logit is not None:
+            logits = torch.stack([r.max_logit for r in recs if r.max_logit is not None]).float()
+            if logits[0].numel():
+                flat = logits.reshape(k, -1)
+                top = torch.where(torch.isfinite(flat), flat, -math.inf).amax(dim=-1)
+                out["max_logit"] = _finite_or_nan(top)
+            else:
+                out["max_logit"] = nan
+        # per-head theta max over (batch, rows): [K, H'] for Thm 5.1
+        masked = torch.where(valid, upper, -math.inf)
+        out["theta_head"] = _finite_or_nan(
+            masked.amax(dim=(1, 3)) if upper.dim() == 4 else masked.reshape(k, -1).amax(dim=-1, keepdim=True)
+        )
+        return out
+
     def _layer_stats(self, rec: LayerRecord) -> dict[str, Tensor]:
         """Per-rank increments of one layer (sums, counts, maxima, a histogram), plus ``theta_head`` [H']."""
+        together = self._together.pop(id(rec), None)
+        if together is not None:  # computed with the other layers of its row layout (_stats_together)
+            return together
         theta = rec.theta
         device = theta.lower.device if theta is not None else self._device()
         nan = torch.tensor(math.nan, device=device)
@@ -382,10 +460,10 @@ class AttentionMonitor(AttentionSettings):
                 self.guard.fail("spectral", err, rank)
                 norms = {}
         out["spectral_failed"] = torch.tensor(float("spectral" in self.guard.failed_now), device=device)
-        for rec in self.probe.layers:
+        active = [rec for rec in self.probe.layers if self.guard.active(layer_name(rec))]
+        self._together = self._stats_together(active)  # _layer_stats hands these out layer by layer
+        for rec in active:  # a layer disabled on every rank alike is skipped: the layouts stay equal
             name = layer_name(rec)
-            if not self.guard.active(name):
-                continue  # disabled on every rank alike: the layouts stay equal
             vals: dict[str, Tensor] = {}
             try:
                 with torch.no_grad():
@@ -417,6 +495,7 @@ class AttentionMonitor(AttentionSettings):
                 else:
                     value = vals.get(field) if not failed else None
                     out[key] = nan if value is None else value.to(device).float().reshape(())
+        self._together = {}
         return out
 
     # ------------------------------------------------------------------------------------------ reduce

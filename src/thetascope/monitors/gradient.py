@@ -189,7 +189,7 @@ class GradientFlowCore:
         if norm is None or not self.guard.active("grad_spike"):
             return
         try:
-            self.grad_detector.update(norm)
+            self.grad_detector.push(norm)
         except Exception as err:
             self.guard.fail("grad_spike", err, self.rank)
 
@@ -198,7 +198,7 @@ class GradientFlowCore:
         if not self.guard.active("loss_spike") or not isinstance(loss, Tensor) or loss.numel() != 1:
             return
         try:
-            self.loss_detector.update(loss.detach().float().reshape(()))
+            self.loss_detector.push(loss.detach().reshape(()))
         except Exception as err:
             self.guard.fail("loss_spike", err, self.rank)
 
@@ -235,16 +235,22 @@ class GradientFlowCore:
                 grad_sq, global_sq = torch.full((n,), math.nan, device=device), nan
         present = torch.zeros(n, device=device)
         present[ids] = 1.0
-        g, lo = self.grad_detector, self.loss_detector
-        since = (g.n_spikes.to(device) - self._grad_mark) + (lo.n_spikes.to(device) - self._loss_mark)
+        try:  # reading the counters judges the values pushed since the last refresh (see SpikeDetector.push)
+            g_spikes, g_nonfinite = self.grad_detector.n_spikes.to(device), self.grad_detector.n_nonfinite
+            lo_spikes = self.loss_detector.n_spikes.to(device)
+        except Exception as err:
+            self.guard.fail("grad_spike", err, self.rank)
+            g_spikes, lo_spikes = torch.tensor(self._grad_mark, device=device), torch.tensor(self._loss_mark)
+            g_nonfinite = torch.tensor(math.nan)
+        since = (g_spikes - self._grad_mark) + (lo_spikes.to(device) - self._loss_mark)
         return {
             "grad_sq": grad_sq,
             "global_sq": global_sq.reshape(()),
             "present": present,
             "spike": (since > 0).float(),
-            "grad_spike_count": g.n_spikes.to(device).float(),
-            "loss_spike_count": lo.n_spikes.to(device).float(),
-            "nonfinite": g.n_nonfinite.to(device).float(),
+            "grad_spike_count": g_spikes.float(),
+            "loss_spike_count": lo_spikes.to(device).float(),
+            "nonfinite": g_nonfinite.to(device).float(),
             "failed": torch.tensor([float(m in self.guard.failed_now) for m in MEASUREMENTS], device=device),
         }
 
@@ -298,7 +304,8 @@ class GradientFlowCore:
         out[p + keys.GRAD_SPIKE] = float(self.spike_detected)
         out[p + keys.GRAD_SPIKE_COUNT] = float(reduced["grad_spike_count"])
         out[p + keys.LOSS_SPIKE_COUNT] = float(reduced["loss_spike_count"])
-        out[p + keys.GRAD_NONFINITE] = float(reduced["nonfinite"])
+        if math.isfinite(float(reduced["nonfinite"])):  # NaN: the detector could not be read (warned)
+            out[p + keys.GRAD_NONFINITE] = float(reduced["nonfinite"])
         return out
 
     # ------------------------------------------------------------------------------------------- state
