@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from benchmarks._ops import OpCounter
 
 from tests.helpers.sync import SyncSpy
 from thetascope.functional.spikes import SpikeDetector
@@ -219,33 +220,18 @@ def test_push_is_update_without_the_per_call_decision() -> None:
     assert sa == sb
 
 
-class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten operations that run (views and allocations excluded): kernel launches on a GPU."""
-
-    _FREE = ("view", "as_strided", "reshape", "select", "slice", "detach", "alias", "empty", "_unsafe_view")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func.overloadpacket.__name__.rstrip("_") not in self._FREE:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_push_costs_a_few_operations_per_call_and_no_sync() -> None:
     det = SpikeDetector()  # window 100, refresh every 10th call, min_history 20
     values = torch.tensor(_series(200, 4), dtype=torch.float32)
     for v in values[:40]:
         det.push(v)
-    with SyncSpy() as spy, _OpCount() as ops:
+    with SyncSpy() as spy, OpCounter() as ops:
         for v in values[40:]:
             det.push(v)
     assert spy.calls == []
     # one copy per call, one settlement and one baseline per 10 calls; update() would run about 20 per call
     assert ops.n / 160 < 5.0
-    with _OpCount() as one:
+    with OpCounter() as one:
         det.update(values[0])
     assert one.n > 10  # the eager path really is the costlier one the count above is measured against
 

@@ -183,19 +183,19 @@ def test_layer_without_found_projections_keeps_theta_and_drops_only_g() -> None:
 
 
 def test_layers_measured_together_give_the_per_layer_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.functional.test_spikes import _OpCount
+    from benchmarks._ops import OpCounter
 
     model, x = _model(n_layer=4), _batch()
     mon = AttentionMonitor(model, rows_per_head=8, strict=True)
     with mon.capture():
         model(x)
     mon.measure()  # the power iteration's cold start: the calls below are warm ones
-    with _OpCount() as ops:
+    with OpCounter() as ops:
         values = mon.measure()
     assert len(mon._stats_together(mon.probe.layers)) == 4  # one group: every layer has the same rows
     got = mon.reduce(values)
     monkeypatch.setattr(AttentionMonitor, "_stats_together", lambda self, recs: {})
-    with _OpCount() as per_layer_ops:
+    with OpCounter() as per_layer_ops:
         per_layer = mon.reduce(mon.measure())
     # the spectral estimator advanced between the two calls: only the values of the rows are compared
     spectral = ("proj_norm", "sensitivity", "lipschitz_bound")

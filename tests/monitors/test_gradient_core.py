@@ -124,14 +124,14 @@ def test_unmeasured_steps_neither_sync_nor_communicate(monkeypatch: pytest.Monke
 def test_an_unmeasured_step_runs_a_dozen_device_operations() -> None:
     # kernel launches on a GPU: one fused norm (3 operations) and two deferred detector pushes (one copy each,
     # plus a settlement and a baseline every 10th step); eager detector updates would add about 60
-    from tests.functional.test_spikes import _OpCount
+    from benchmarks._ops import OpCounter
 
     model = _gpt(4)
     core = GradientFlowCore(model)
     counts = []
     for step in range(60):
         loss = _backward(model, seed=step)
-        with _OpCount() as ops:
+        with OpCounter() as ops:
             core.observe_step()
             core.observe_loss(loss)
         counts.append(ops.n)

@@ -1,0 +1,20 @@
+"""``benchmarks/bench_ops.py`` counts the operations of every path; the counts hold what the code promises."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bench_ops
+
+
+def test_operation_counts_per_path_and_per_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    results = bench_ops.main((1, 2))
+    one, two = results[1], results[2]
+    per_step = "per-step path (grad norm + 2 detector pushes)"
+    # one fused norm and two deferred pushes, whatever the depth
+    assert one[per_step] == two[per_step] < 15
+    # the stacked statistics: the reduction does not grow with depth
+    assert one["AttentionMonitor.reduce"] == two["AttentionMonitor.reduce"]
+    capture = "measured forward (capture), extra"
+    assert 0 < two[capture] - one[capture] < 200
+    assert "per layer" in capsys.readouterr().out
