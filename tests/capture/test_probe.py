@@ -454,3 +454,84 @@ def test_state_dict_resumes_row_sampling() -> None:
     with fresh.capture():
         model(x)
     assert not torch.equal(fresh.layers[0].query_positions, expected)
+
+
+def _captured_rows(probe: AttentionProbe, model: nn.Module, x: Tensor) -> list[tuple[Tensor, ...]]:
+    with probe.capture():
+        model(x)
+    out = []
+    for rec in probe.layers:
+        assert rec.theta is not None
+        assert rec.entropy is not None
+        assert rec.max_logit is not None
+        out.append((rec.theta.lower, rec.theta.upper, rec.entropy, rec.max_logit))
+    return out
+
+
+@pytest.mark.parametrize("budget", [1, 3000])  # every call alone; a settlement in the middle of the forward
+def test_rows_measured_together_equal_rows_measured_call_by_call(
+    monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
+    import thetascope.capture.probe as probe_module
+
+    torch.manual_seed(0)
+    model = NanoGPT(n_layer=4)
+    x = torch.randint(0, 50, (3, 16))
+    together = _captured_rows(AttentionProbe(model, rows_per_head=8, seed=3), model, x)
+    monkeypatch.setattr(probe_module, "_PENDING_ELEMENTS", budget)
+    apart = _captured_rows(AttentionProbe(model, rows_per_head=8, seed=3), model, x)
+    for a, b in zip(together, apart):
+        for ta, tb in zip(a, b):
+            assert torch.equal(ta.nan_to_num(-1.0), tb.nan_to_num(-1.0))
+
+
+def test_a_bracket_failure_while_measuring_together_disables_only_its_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import thetascope.functional.theta as theta_module
+
+    torch.manual_seed(0)
+    model = NanoGPT(n_layer=3)
+    x = torch.randint(0, 50, (2, 16))
+    expected = _captured_rows(AttentionProbe(model, rows_per_head=4, seed=1), model, x)
+    real = theta_module.balanced_mass_factor
+    calls = []
+
+    def flaky(probs: Tensor, **kwargs: Any) -> Any:
+        calls.append(probs.shape)
+        if len(calls) in (1, 3):  # the stacked call of all layers, then layer 1's own call
+            raise RuntimeError("bracket exploded")
+        return real(probs, **kwargs)
+
+    monkeypatch.setattr(theta_module, "balanced_mass_factor", flaky)
+    probe = AttentionProbe(model, rows_per_head=4, seed=1)
+    with pytest.warns(UserWarning, match="bracket exploded"), probe.capture():
+        model(x)
+    assert [r.disabled for r in probe.layers] == [False, True, False]
+    for i in (0, 2):
+        theta = probe.layers[i].theta
+        assert theta is not None
+        assert torch.equal(theta.upper, expected[i][1])
+    assert len(calls) == 4
+    strict = AttentionProbe(model, rows_per_head=4, seed=1, strict=True)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="bracket exploded"), strict.capture():
+        model(x)
+
+
+def test_a_forward_that_raises_inside_capture_keeps_its_own_error() -> None:
+    torch.manual_seed(0)
+    model = NanoGPT(n_layer=2)
+    probe = AttentionProbe(model, rows_per_head=4, strict=True)
+
+    def measured_forward_then_user_error() -> None:
+        with probe.capture():
+            model(torch.randint(0, 50, (2, 16)))
+            raise ValueError("user error")
+
+    with pytest.raises(ValueError, match="user error"):
+        measured_forward_then_user_error()
+    assert probe._pending == []
+    with probe.capture():  # the next capture measures normally
+        model(torch.randint(0, 50, (2, 16)))
+    assert all(r.theta is not None for r in probe.layers)

@@ -21,7 +21,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,10 +31,26 @@ from torch.utils.hooks import RemovableHandle
 from thetascope.capture import hf
 from thetascope.capture.adapters import AttentionAdapter, adapter_for
 from thetascope.capture.records import LayerRecord, classify_rows
+from thetascope.functional.theta import ThetaBounds
 
 __all__ = ["AttentionProbe"]
 
 _NORM_HINTS = ("layernorm", "rmsnorm", "groupnorm", "batchnorm", "norm")
+# Softmax rows (rows x keys) held during a capture before their brackets are computed, all of them together:
+# 64 MB of float32 (GPT-2 774M, B=4, 64 rows per head: three layers), a few dozen kernel launches for all.
+_PENDING_ELEMENTS = 1 << 24
+
+
+class _PendingRows(NamedTuple):
+    """One kernel call's sampled rows, recorded but not yet measured (see ``AttentionProbe._record``)."""
+
+    ctx: _LayerContext
+    probs: Tensor  # [..., S] float32 softmax rows
+    bad: Tensor  # [...] masked or non-finite rows
+    row_max: Tensor  # [...]
+    n_masked: Tensor
+    n_nonfinite: Tensor
+    pos: Tensor
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -260,6 +276,8 @@ class AttentionProbe:
         self._handles: list[RemovableHandle] = []
         self._installed_for: str | None = None  # None | "temperature" | "capture"
         self._recording = False
+        self._pending: list[_PendingRows] = []
+        self._pending_elements = 0
         self._compiled_seen = False
         self._n_captures = 0
         self._gen = torch.Generator()
@@ -414,23 +432,79 @@ class AttentionProbe:
 
     # ---------------------------------------------------------------------------------------------- recording
     def _record(self, ctx: _LayerContext, logits: Tensor, pos: Tensor, valid: Tensor | None) -> None:
-        from thetascope.functional.theta import ThetaBounds, attention_entropy, balanced_mass_factor
-
+        # The rows wait for the brackets of the other layers (computed together in _settle); on CPU that is as
+        # fast as one layer at a time, on a GPU it saves the bracket's launches of all but one layer.
         logits = logits.detach().float()
         row_max, masked, nonfinite = classify_rows(logits)
         if valid is not None:
             masked = masked | ~valid.to(torch.bool)
             nonfinite = nonfinite & valid.to(torch.bool)
-        bad = masked | nonfinite
-        # bad rows come out of softmax as NaN (or anything); every value of theirs is replaced by NaN below
+        # bad rows come out of softmax as NaN (or anything); every value of theirs is replaced by NaN later
         probs = torch.softmax(logits, dim=-1)
-        theta = balanced_mass_factor(probs, exact_top=self.exact_top, validate=False)
-        nan = torch.tensor(float("nan"), device=logits.device)
+        item = _PendingRows(ctx, probs, masked | nonfinite, row_max, masked.sum(), nonfinite.sum(), pos)
+        self._pending.append(item)
+        self._pending_elements += probs.numel()
+        if self._pending_elements >= _PENDING_ELEMENTS:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Compute the brackets and entropies of the pending rows and store them in their layers, in order.
+
+        The rows of every pending kernel call of one row length and device are measured by one bracket call
+        (rows are independent: the values are those of one call per kernel call). A failure there is retried
+        call by call, so it disables only the layer whose rows fail.
+        """
+        from thetascope.functional.theta import attention_entropy, balanced_mass_factor
+
+        items, self._pending, self._pending_elements = self._pending, [], 0
+        measured: dict[int, tuple[ThetaBounds, Tensor] | Exception] = {}
+
+        def measure(probs: Tensor) -> tuple[ThetaBounds, Tensor]:
+            return balanced_mass_factor(probs, exact_top=self.exact_top, validate=False), attention_entropy(
+                probs
+            )
+
+        groups: dict[tuple[torch.device, int], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault((item.probs.device, item.probs.shape[-1]), []).append(i)
+        for (_, n_keys), members in groups.items():
+            if len(members) > 1:
+                try:
+                    flat = torch.cat([items[i].probs.reshape(-1, n_keys) for i in members])
+                    theta, entropy = measure(flat)
+                    sizes = [items[i].probs[..., 0].numel() for i in members]
+                    parts = zip(theta.lower.split(sizes), theta.upper.split(sizes), entropy.split(sizes))
+                    for i, (lower, upper, ent) in zip(members, parts):
+                        shape = items[i].probs.shape[:-1]
+                        measured[i] = (ThetaBounds(lower.view(shape), upper.view(shape)), ent.view(shape))
+                    continue
+                except Exception:
+                    pass  # measured call by call below, so the failure is charged to its layer
+            for i in members:
+                try:
+                    measured[i] = measure(items[i].probs)
+                except Exception as err:
+                    measured[i] = err
+        for i, item in enumerate(items):
+            result = measured[i]
+            if item.ctx.layer.disabled:
+                continue  # an earlier call of this layer failed in this capture
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                self._store(item, *result)
+            except Exception as err:
+                self._fail_layer(item.ctx, err)
+
+    def _store(self, item: _PendingRows, theta: ThetaBounds, entropy: Tensor) -> None:
+        ctx, bad, pos = item.ctx, item.bad, item.pos
+        device = item.probs.device
+        nan = torch.tensor(float("nan"), device=device)
         rec = ctx.layer
         lower, upper = torch.where(bad, nan, theta.lower), torch.where(bad, nan, theta.upper)
-        entropy = torch.where(bad, nan, attention_entropy(probs))
-        max_logit = torch.where(bad, nan, row_max)  # row_max_logit, from the same reduction
-        n_masked, n_nonfinite = masked.sum(), nonfinite.sum()
+        entropy = torch.where(bad, nan, entropy)
+        max_logit = torch.where(bad, nan, item.row_max)  # row_max_logit, from the same reduction
+        n_masked, n_nonfinite = item.n_masked, item.n_nonfinite
         if ctx.recorded_in == self._n_captures and rec.theta is not None:
             # A further kernel call of this module in the same capture: its rows join the earlier ones.
             assert rec.entropy is not None
@@ -454,11 +528,11 @@ class AttentionProbe:
         rec.entropy = entropy
         rec.max_logit = max_logit
         rec.query_positions = pos
-        rec.batch_index = torch.arange(pos.shape[0], device=logits.device)
+        rec.batch_index = torch.arange(pos.shape[0], device=device)
         rec.head_index = (
-            torch.arange(pos.shape[1], device=logits.device)
+            torch.arange(pos.shape[1], device=device)
             if self.heads is None
-            else torch.tensor(self.heads, dtype=torch.long).to(logits.device)
+            else torch.tensor(self.heads, dtype=torch.long).to(device)
         )
         rec.n_masked_rows = n_masked
         rec.n_nonfinite_rows = n_nonfinite
@@ -556,8 +630,12 @@ class AttentionProbe:
         extra = self._install_block_hooks()
         try:
             yield self
+        except BaseException:
+            self._pending, self._pending_elements = [], 0  # the forward failed: its rows are not measured
+            raise
         finally:
             self._recording = False
+            self._settle()  # the rows still pending (strict=True: a failure raises here)
             if self._compiled_seen:
                 self._warn_once(
                     "compiled-capture",
