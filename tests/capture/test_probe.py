@@ -535,3 +535,11 @@ def test_a_forward_that_raises_inside_capture_keeps_its_own_error() -> None:
     with probe.capture():  # the next capture measures normally
         model(torch.randint(0, 50, (2, 16)))
     assert all(r.theta is not None for r in probe.layers)
+
+
+def test_selects_all_is_true_only_for_every_item_and_head_in_order() -> None:
+    model = NanoGPT(n_layer=1)
+    assert AttentionProbe(model)._selects_all(3, 4) == (True, True)
+    assert AttentionProbe(model, batch_size=3, heads=[0, 1, 2, 3])._selects_all(3, 4) == (True, True)
+    assert AttentionProbe(model, batch_size=2, heads=[1, 0, 2, 3])._selects_all(3, 4) == (False, False)
+    assert AttentionProbe(model, heads=2)._selects_all(3, 4) == (True, False)

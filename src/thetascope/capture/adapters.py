@@ -133,6 +133,11 @@ class CallContext(Protocol):
         """The sampled batch items ``[B']`` and heads ``[H']`` (respecting ``batch_size=`` and ``heads=``)."""
         ...
 
+    def selects_all(self, batch: int, heads: int) -> tuple[bool, bool]:
+        """Whether :meth:`select` returns every batch item ``0..batch-1`` and every head ``0..heads-1`` in
+        order (known on the host: an adapter can then skip the identity ``index_select``)."""
+        ...
+
     def sample_rows(self, batch: int, heads: int, q_len: int, device: torch.device) -> Tensor:
         """Sampled query positions ``[B', H', R]`` for the items/heads of :meth:`select` (sorted per row)."""
         ...
@@ -311,13 +316,24 @@ def _softmax_is_attention(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool
     return isinstance(dim, int) and dim in (-1, 3)
 
 
-def gather_rows(x: Tensor, bi: Tensor, hi: Tensor, pos: Tensor) -> Tensor:
+def take(x: Tensor, dim: int, index: Tensor, everything: bool = False) -> Tensor:
+    """``x.index_select(dim, index)``, or ``x`` itself when ``index`` selects every entry in order
+    (``everything``, e.g. from :meth:`CallContext.selects_all`: one copy less); a size-1 (broadcast) ``dim``
+    is repeated as often as ``index`` is long."""
+    if x.shape[dim] == 1:  # broadcast: every index reads entry 0
+        return x if index.numel() == 1 else x.index_select(dim, torch.zeros_like(index))
+    return x if everything and x.shape[dim] == index.numel() else x.index_select(dim, index)
+
+
+def gather_rows(
+    x: Tensor, bi: Tensor, hi: Tensor, pos: Tensor, everything: tuple[bool, bool] = (False, False)
+) -> Tensor:
     """``x[bi][:, hi]`` then rows ``pos`` ``[B', H', R]`` along dim 2 -> ``[B', H', R, x.shape[-1]]``.
 
-    ``x`` may be broadcast along dims 0/1 (size 1); dim 2 must be the full query length.
+    ``x`` may be broadcast along dims 0/1 (size 1); dim 2 must be the full query length. ``everything``: the
+    flags of :meth:`CallContext.selects_all` for ``bi`` and ``hi``.
     """
-    x = x.index_select(0, bi if x.shape[0] != 1 else torch.zeros_like(bi))
-    x = x.index_select(1, hi if x.shape[1] != 1 else torch.zeros_like(hi))
+    x = take(take(x, 0, bi, everything[0]), 1, hi, everything[1])
     idx = pos.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])
     return x.gather(2, idx)
 
@@ -358,10 +374,11 @@ def sdpa_sampled_logits(
     k_len = k.shape[-2]
     rep = max(n_heads // k.shape[1], 1)
     bi, hi = ctx.select(bsz, n_heads, q.device)
+    everything = ctx.selects_all(bsz, n_heads)
     pos = ctx.sample_rows(bsz, n_heads, q_len, q.device)
-    qr = gather_rows(q.detach(), bi, hi, pos).float()
-    kk = k.detach().index_select(0, bi if k.shape[0] != 1 else torch.zeros_like(bi))
-    kk = kk.index_select(1, hi // rep).float()
+    qr = gather_rows(q.detach(), bi, hi, pos, everything).float()
+    kk = take(k.detach(), 0, bi, everything[0])
+    kk = take(kk, 1, hi if rep == 1 else hi // rep, everything[1] and rep == 1).float()
     s = (1.0 / math.sqrt(e)) if scale is None else float(scale)
     logits = torch.matmul(qr, kk.transpose(-1, -2)) * s
     if attn_mask is not None:

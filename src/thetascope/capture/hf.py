@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from thetascope.capture.adapters import AttentionAdapter, CallContext, gather_rows, register_adapter
+from thetascope.capture.adapters import AttentionAdapter, CallContext, gather_rows, register_adapter, take
 from thetascope.capture.projections import ProjectionFinder
 from thetascope.capture.records import ProjectionWeights
 
@@ -213,10 +213,11 @@ def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallConte
     rep = max(n_heads // k.shape[1], 1)
     dev = q.device
     bi, hi = ctx.select(bsz, n_heads, dev)
+    everything = ctx.selects_all(bsz, n_heads)
     pos = ctx.sample_rows(bsz, n_heads, q_len, dev)
-    qr = gather_rows(q.detach(), bi, hi, pos).float()
-    kk = k.detach().index_select(0, bi if k.shape[0] != 1 else torch.zeros_like(bi))
-    kk = kk.index_select(1, hi // rep).float()
+    qr = gather_rows(q.detach(), bi, hi, pos, everything).float()
+    kk = take(k.detach(), 0, bi, everything[0])
+    kk = take(kk, 1, hi if rep == 1 else hi // rep, everything[1] and rep == 1).float()
     scaling = bound.get("scaling")
     s = e**-0.5 if scaling is None else float(scaling)
     logits = torch.matmul(qr, kk.transpose(-1, -2)) * s
@@ -226,7 +227,7 @@ def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallConte
         logits = torch.tanh(logits / c) * c
     bias = bound.get("position_bias")
     if isinstance(bias, Tensor):
-        logits = logits + gather_rows(bias.detach()[..., :k_len], bi, hi, pos).float()
+        logits = logits + gather_rows(bias.detach()[..., :k_len], bi, hi, pos, everything).float()
     if ctx.apply_temperature:
         logits = logits * ctx.inv_tau_on(dev).float()
     keys = torch.arange(k_len, device=dev)

@@ -178,6 +178,9 @@ class _LayerContext:
     def select(self, batch: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
         return self.probe._select(batch, heads, device)
 
+    def selects_all(self, batch: int, heads: int) -> tuple[bool, bool]:
+        return self.probe._selects_all(batch, heads)
+
     def sample_rows(self, batch: int, heads: int, q_len: int, device: torch.device) -> Tensor:
         return self.probe._sample_rows(batch, heads, q_len, device)
 
@@ -277,6 +280,7 @@ class AttentionProbe:
         self._installed_for: str | None = None  # None | "temperature" | "capture"
         self._recording = False
         self._pending: list[_PendingRows] = []
+        self._aranges: dict[tuple[int, torch.device], Tensor] = {}
         self._pending_elements = 0
         self._compiled_seen = False
         self._n_captures = 0
@@ -421,6 +425,19 @@ class AttentionProbe:
             hi = torch.tensor(self.heads, dtype=torch.long).to(device)
         return bi, hi
 
+    def _arange(self, n: int, device: torch.device) -> Tensor:
+        """``arange(n)`` on ``device``, made once (read-only: layers share it)."""
+        key = (n, device)
+        t = self._aranges.get(key)
+        if t is None:
+            with torch.inference_mode(False):  # usable after a capture run under inference mode, too
+                t = self._aranges[key] = torch.arange(n, device=device)
+        return t
+
+    def _selects_all(self, batch: int, heads: int) -> tuple[bool, bool]:
+        all_items = self.batch_size is None or self.batch_size >= batch
+        return all_items, self.heads is None or self.heads == list(range(heads))
+
     def _sample_rows(self, batch: int, heads: int, q_len: int, device: torch.device) -> Tensor:
         nb = batch if self.batch_size is None else min(batch, self.batch_size)
         nh = heads if self.heads is None else len(self.heads)
@@ -499,11 +516,10 @@ class AttentionProbe:
     def _store(self, item: _PendingRows, theta: ThetaBounds, entropy: Tensor) -> None:
         ctx, bad, pos = item.ctx, item.bad, item.pos
         device = item.probs.device
-        nan = torch.tensor(float("nan"), device=device)
         rec = ctx.layer
-        lower, upper = torch.where(bad, nan, theta.lower), torch.where(bad, nan, theta.upper)
-        entropy = torch.where(bad, nan, entropy)
-        max_logit = torch.where(bad, nan, item.row_max)  # row_max_logit, from the same reduction
+        # every per-row value of a bad row becomes NaN; max_logit is row_max_logit, from the same reduction
+        rows = torch.stack([theta.lower, theta.upper, entropy, item.row_max.to(theta.lower.dtype)])
+        lower, upper, entropy, max_logit = torch.where(bad, float("nan"), rows).unbind(0)
         n_masked, n_nonfinite = item.n_masked, item.n_nonfinite
         if ctx.recorded_in == self._n_captures and rec.theta is not None:
             # A further kernel call of this module in the same capture: its rows join the earlier ones.
@@ -528,9 +544,9 @@ class AttentionProbe:
         rec.entropy = entropy
         rec.max_logit = max_logit
         rec.query_positions = pos
-        rec.batch_index = torch.arange(pos.shape[0], device=device)
+        rec.batch_index = self._arange(pos.shape[0], device)
         rec.head_index = (
-            torch.arange(pos.shape[1], device=device)
+            self._arange(pos.shape[1], device)
             if self.heads is None
             else torch.tensor(self.heads, dtype=torch.long).to(device)
         )

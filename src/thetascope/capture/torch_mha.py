@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thetascope.capture.adapters import AttentionAdapter, CallContext, register_adapter
+from thetascope.capture.adapters import AttentionAdapter, CallContext, register_adapter, take
 from thetascope.capture.records import ProjectionWeights
 
 __all__ = ["TorchMHAAdapter", "mha_fastpath_disabled"]
@@ -280,6 +280,7 @@ class TorchMHAAdapter(AttentionAdapter):
         dh = e // n_heads
         device = query.device
         bi, hi = ctx.select(bsz, n_heads, device)
+        all_b, all_h = ctx.selects_all(bsz, n_heads)
         pos = ctx.sample_rows(bsz, n_heads, tgt_len, device)  # [B', H', R]
         nb, nh, r = pos.shape
 
@@ -294,13 +295,13 @@ class TorchMHAAdapter(AttentionAdapter):
             w_q, w_k = w[:e], w[e : 2 * e]
 
         # q of the sampled rows, per head: [B', H', R, d_h]
-        q_in = query.transpose(0, 1).index_select(0, bi).float()  # [B', L, E]
+        q_in = take(query.transpose(0, 1), 0, bi, all_b).float()  # [B', L, E]
         idx = pos.reshape(nb, nh * r, 1).expand(-1, -1, e)
         q_rows = q_in.gather(1, idx).view(nb, nh, r, e)
-        w_qh = w_q.float().view(n_heads, dh, e).index_select(0, hi)  # [H', d_h, E]
+        w_qh = take(w_q.float().view(n_heads, dh, e), 0, hi, all_h)  # [H', d_h, E]
         q = torch.einsum("bhre,hde->bhrd", q_rows, w_qh)
         if b_q is not None:
-            q = q + b_q.view(n_heads, dh).index_select(0, hi)[None, :, None, :]
+            q = q + take(b_q.view(n_heads, dh), 0, hi, all_h)[None, :, None, :]
 
         # keys, per head: [B', H', S, d_h]
         static_k: Tensor | None = b["static_k"]
@@ -308,9 +309,9 @@ class TorchMHAAdapter(AttentionAdapter):
             k = static_k.detach().float().view(bsz, n_heads, -1, dh).index_select(0, bi).index_select(1, hi)
         else:
             # project only the measured heads' key rows
-            k_in = key.transpose(0, 1).index_select(0, bi).float()  # [B', S, E_k]
-            w_kh = w_k.float().view(n_heads, dh, -1).index_select(0, hi).reshape(nh * dh, -1)
-            b_kh = b_k.view(n_heads, dh).index_select(0, hi).reshape(-1) if b_k is not None else None
+            k_in = take(key.transpose(0, 1), 0, bi, all_b).float()  # [B', S, E_k]
+            w_kh = take(w_k.float().view(n_heads, dh, -1), 0, hi, all_h).reshape(nh * dh, -1)
+            b_kh = take(b_k.view(n_heads, dh), 0, hi, all_h).reshape(-1) if b_k is not None else None
             k = F.linear(k_in, w_kh, b_kh).view(nb, -1, nh, dh).transpose(1, 2)  # [B', H', S, d_h]
         extra = 0
         if b["bias_k"] is not None:

@@ -61,10 +61,18 @@ def max_token_norm(x: Tensor, mask: Tensor | None = None) -> Tensor:
         tensor(5.)
     """
     _check(x, mask)
+    if x.dtype != torch.float64 and x.device.type in ("cpu", "cuda"):
+        # float64 norms are non-finite exactly for the tokens holding a NaN or inf (see _token_norms): zeroing
+        # them skips those tokens in one operation instead of a finiteness test and a select
+        norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64)
+        norms = torch.nan_to_num(norms, nan=0.0, posinf=0.0)
+        if mask is not None:
+            norms = torch.where(mask, norms, 0.0)
+        return norms.amax(dim=-1).float()
     norms, keep = _token_norms(x)
     if mask is not None:
         keep = keep & mask
-    return torch.where(keep, norms, torch.zeros((), dtype=norms.dtype, device=norms.device)).amax(dim=-1)
+    return torch.where(keep, norms, 0.0).amax(dim=-1)
 
 
 def block_rms_norm(x: Tensor, mask: Tensor | None = None) -> Tensor:
