@@ -37,7 +37,8 @@ __all__ = ["AttentionProbe"]
 
 _NORM_HINTS = ("layernorm", "rmsnorm", "groupnorm", "batchnorm", "norm")
 # Softmax rows (rows x keys) held during a capture before their brackets are computed, all of them together:
-# 64 MB of float32 (GPT-2 774M, B=4, 64 rows per head: three layers), a few dozen kernel launches for all.
+# 64 MB of float32 (GPT-2 774M, B=4, 64 rows per head: three layers, 15,360 rows, which fit one bracket block
+# of 2**23 elements on a GPU), a few dozen kernel launches for all of them.
 _PENDING_ELEMENTS = 1 << 24
 
 
@@ -434,6 +435,16 @@ class AttentionProbe:
                 t = self._aranges[key] = torch.arange(n, device=device)
         return t
 
+    def _heads_on(self, device: torch.device) -> Tensor:
+        """The ``heads=`` indices on ``device``, made once (read-only: layers share it)."""
+        assert self.heads is not None
+        key = (-1, device)  # arange keys are lengths >= 0
+        t = self._aranges.get(key)
+        if t is None:
+            with torch.inference_mode(False):
+                t = self._aranges[key] = torch.tensor(self.heads, dtype=torch.long).to(device)
+        return t
+
     def _selects_all(self, batch: int, heads: int) -> tuple[bool, bool]:
         all_items = self.batch_size is None or self.batch_size >= batch
         return all_items, self.heads is None or self.heads == list(range(heads))
@@ -459,10 +470,10 @@ class AttentionProbe:
         # bad rows come out of softmax as NaN (or anything); every value of theirs is replaced by NaN later
         probs = torch.softmax(logits, dim=-1)
         item = _PendingRows(ctx, probs, masked | nonfinite, row_max, masked.sum(), nonfinite.sum(), pos)
+        if self._pending and self._pending_elements + probs.numel() > _PENDING_ELEMENTS:
+            self._settle()  # before, not after: a settlement then fills at most one bracket block on a GPU
         self._pending.append(item)
         self._pending_elements += probs.numel()
-        if self._pending_elements >= _PENDING_ELEMENTS:
-            self._settle()
 
     def _settle(self) -> None:
         """Compute the brackets and entropies of the pending rows and store them in their layers, in order.
@@ -545,11 +556,7 @@ class AttentionProbe:
         rec.max_logit = max_logit
         rec.query_positions = pos
         rec.batch_index = self._arange(pos.shape[0], device)
-        rec.head_index = (
-            self._arange(pos.shape[1], device)
-            if self.heads is None
-            else torch.tensor(self.heads, dtype=torch.long).to(device)
-        )
+        rec.head_index = self._arange(pos.shape[1], device) if self.heads is None else self._heads_on(device)
         rec.n_masked_rows = n_masked
         rec.n_nonfinite_rows = n_nonfinite
 

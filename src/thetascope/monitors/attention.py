@@ -325,7 +325,9 @@ class AttentionMonitor(AttentionSettings):
         """Whether the layer ran (and its kernel was seen) in the measured forward."""
         return rec.theta is not None and rec.n_captures != self._captures_before.get(id(rec), -1)
 
-    def _stats_together(self, recs: list[LayerRecord]) -> dict[int, dict[str, Tensor]]:
+    def _stats_together(
+        self, recs: list[LayerRecord], norms: Mapping[str, Tensor] | None = None
+    ) -> dict[int, dict[str, Tensor]]:
         """:meth:`_layer_stats` of the captured layers, by ``id``, for those whose rows share one layout.
 
         The increments of a group of layers with equal row shapes come from one set of kernels over the
@@ -350,11 +352,62 @@ class AttentionMonitor(AttentionSettings):
             try:
                 with torch.no_grad():
                     stacked = self._group_stats(group)
+                    if norms:
+                        self._group_bounds(group, norms, stacked)
             except Exception:
                 continue
             for i, rec in enumerate(group):
                 out[id(rec)] = {k: v[i] for k, v in stacked.items()}
         return out
+
+    def _group_bounds(
+        self, recs: list[LayerRecord], norms: Mapping[str, Tensor], stacked: dict[str, Tensor]
+    ) -> None:
+        """Add ``proj_norm`` and ``lipschitz_bound`` ``[K]`` to the values of :meth:`_group_stats`.
+
+        The values :meth:`_bound` gives layer by layer, when every layer has its norms and the layers share
+        one head layout (otherwise nothing is added and the layers get them one by one).
+        """
+        from thetascope.functional.sensitivity import mha_lipschitz_bound, projection_norm_product
+
+        names = [layer_name(r) for r in recs]
+        if not all(f"{n}/q" in norms for n in names):
+            return
+        weights = [r.weights() for r in recs]
+        layouts = {(w.n_heads, w.n_kv_heads, w.head_dim) for w in weights}
+        heads = recs[0].head_index
+        if len(layouts) != 1 or any(
+            (r.head_index is None) != (heads is None) or (heads is not None and r.head_index is not heads)
+            for r in recs
+        ):
+            return
+
+        def column(field: str) -> Tensor:
+            return torch.stack([norms[f"{n}/{field}"] for n in names])  # [K] or [K, heads]
+
+        o = column("o")
+        stacked["proj_norm"] = projection_norm_product(column("q"), column("k"), column("v"), o)
+        n_heads, n_kv, head_dim = layouts.pop()
+        rep = n_heads // max(n_kv, 1)
+        q_h, k_h, v_h = (
+            column("qh"),
+            column("kh").repeat_interleave(rep, -1),
+            column("vh").repeat_interleave(rep, -1),
+        )
+        theta_head = stacked["theta_head"]  # [K, H']
+        if heads is not None and theta_head.shape[-1] != q_h.shape[-1]:  # only the sampled heads
+            heads = heads.to(q_h.device)
+            q_h, k_h, v_h = q_h[:, heads], k_h[:, heads], v_h[:, heads]
+        stacked["lipschitz_bound"] = mha_lipschitz_bound(
+            theta_head,
+            stacked["attn_input_max_norm"],
+            o,
+            q_h,
+            k_h,
+            v_h,
+            head_dim=head_dim,
+            tau=self.probe.temperature,
+        )
 
     def _group_stats(self, recs: list[LayerRecord]) -> dict[str, Tensor]:
         """:meth:`_layer_stats` of layers with equal row layouts, every value with a leading layer dim [K]."""
@@ -461,7 +514,7 @@ class AttentionMonitor(AttentionSettings):
                 norms = {}
         out["spectral_failed"] = torch.tensor(float("spectral" in self.guard.failed_now), device=device)
         active = [rec for rec in self.probe.layers if self.guard.active(layer_name(rec))]
-        self._together = self._stats_together(active)  # _layer_stats hands these out layer by layer
+        self._together = self._stats_together(active, norms)  # _layer_stats hands them out layer by layer
         for rec in active:  # a layer disabled on every rank alike is skipped: the layouts stay equal
             name = layer_name(rec)
             vals: dict[str, Tensor] = {}
@@ -469,7 +522,7 @@ class AttentionMonitor(AttentionSettings):
                 with torch.no_grad():
                     vals = self._layer_stats(rec)
                     theta_head = vals.pop("theta_head", None)
-                    if f"{name}/q" in norms:
+                    if f"{name}/q" in norms and "proj_norm" not in vals:  # else computed with its group
                         from thetascope.functional.sensitivity import projection_norm_product
 
                         vals["proj_norm"] = projection_norm_product(
