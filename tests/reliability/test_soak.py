@@ -1,9 +1,11 @@
-"""Soak: 2,000 optimizer steps with all three callbacks measuring on every step. Process memory and the number
-of live tensors stay flat after warm-up, and the per-step time does not drift upward.
+"""Soak: 2,000 optimizer steps with all three callbacks measuring on every step. Process memory, the number
+of live tensors and of Python objects stay flat after warm-up, and the work of a step does not grow.
 
 Tiny model (2 layers, d=16, 2 heads, sequence 8, batch 2) on one CPU thread; the temperature warmup ends at
 step 1,000 so both phases run. Bounds are generous (this runs on shared machines); a leak of one small tensor
-per step, or a per-step growth of nested Python containers, breaks them.
+per step, or a per-step growth of nested Python containers, breaks them. The work of a step is its number of
+device operations (exact, unlike its time on a shared machine, which is reported but not asserted): two
+windows of 20 steps after the warmup, a whole number of detector refresh periods each, must run as many.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from benchmarks._ops import OpCounter
 from tests.reliability._util import LM, all_logged_finite, callbacks, fit, token_data
 
 pytestmark = pytest.mark.reliability
@@ -27,7 +30,7 @@ CHECKPOINTS = (500, 1000, 1500, STEPS - 1)
 RSS_GROWTH_MB = 24.0  # after warm-up (step 500 -> end)
 TENSOR_GROWTH = 64  # live tensors, after warm-up
 OBJECT_GROWTH = 1000  # gc-tracked Python objects (lists, dicts, ...), after warm-up: < 1 per step
-DRIFT = 1.5  # late / early per-step time
+OPS_WINDOWS = (range(1100, 1120), range(1900, 1920))  # after the warmup: the same callbacks run in both
 
 
 def _rss_mb() -> float:
@@ -57,9 +60,21 @@ class _Recorder(pl.Callback):
         self.tensors: dict[int, int] = {}
         self.objects: dict[int, int] = {}
         self._paused = 0.0
+        self.ops: list[int] = [0 for _ in OPS_WINDOWS]
+        self._counter: OpCounter | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if any(trainer.global_step in w for w in OPS_WINDOWS):
+            self._counter = OpCounter()
+            self._counter.__enter__()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         step = trainer.global_step - 1  # the optimizer step that just finished
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            window = next(i for i, w in enumerate(OPS_WINDOWS) if step in w)
+            self.ops[window] += self._counter.n
+            self._counter = None
         self.ends.append(time.perf_counter() - self._paused)
         if step in CHECKPOINTS:
             t0 = time.perf_counter()
@@ -107,13 +122,15 @@ def test_soak_2000_steps_memory_tensors_and_step_time_are_flat(tmp_path: Path) -
     report = (
         f"soak: {STEPS} steps in {wall:.1f} s; RSS MB {rec.rss}; live tensors {rec.tensors}; "
         f"gc-tracked objects {rec.objects}; "
-        f"step ms early {1e3 * early:.2f} late {1e3 * late:.2f} (x{late / early:.2f})"
+        f"step ms early {1e3 * early:.2f} late {1e3 * late:.2f} (x{late / early:.2f}); "
+        f"device operations of steps {OPS_WINDOWS[0]} and {OPS_WINDOWS[1]}: {rec.ops}"
     )
     print(report)
     assert rss_growth <= RSS_GROWTH_MB, report
     assert tensor_growth <= TENSOR_GROWTH, report
     assert object_growth <= OBJECT_GROWTH, report
-    assert late <= DRIFT * early, report
+    assert rec.ops[0] > 20 * 100, report  # really counted: every step measures
+    assert rec.ops[1] <= rec.ops[0] * 1.01, report
 
 
 def test_models_are_released_after_fit(tmp_path: Path) -> None:
