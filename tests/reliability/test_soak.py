@@ -19,8 +19,8 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from benchmarks._ops import OpCounter
+
 from tests.reliability._util import LM, all_logged_finite, callbacks, fit, token_data
 
 pytestmark = pytest.mark.reliability
