@@ -11,10 +11,15 @@ gives the operations per layer. Counted with the framework-free cores (what the 
   steps, detector refreshes included);
 * ``temperature hook``: the extra operations of one forward + backward at tau = 2 over one at tau = 1;
 * ``measured forward``: the extra operations of the captured forward (64 rows per head in every layer) over a
-  plain one; then ``AttentionMonitor.measure``, its ``reduce`` and ``GradientFlowCore.measure`` + ``reduce``.
+  plain one; then ``AttentionMonitor.measure``, its ``reduce`` and ``GradientFlowCore.measure`` + ``reduce``;
+* the captured forward and ``measure`` again "as on a GPU": with the probe's accelerator policy (the rows of
+  all layers wait for one joint bracket, whose blocks hold 2**23 elements), emulated on CPU.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,8 @@ from benchmarks._ops import OpCounter
 from benchmarks.bench_callbacks import VOCAB, make_data, make_module
 
 DEPTHS = (6, 12)
+CAPTURE = "measured forward (capture), extra"
+MEASURE = "AttentionMonitor.measure"
 
 
 def _counts(layers: int) -> dict[str, float]:
@@ -89,17 +96,37 @@ def _counts(layers: int) -> dict[str, float]:
         "training step without callbacks (fwd, bwd, AdamW)": whole.n,
         "per-step path (grad norm + 2 detector pushes)": sum(per_step) / len(per_step),
         "temperature hook, forward + backward": hooked - unhooked,
-        "measured forward (capture), extra": measured["forward"] - plain["forward"],
-        "AttentionMonitor.measure": measured["measure"],
+        CAPTURE: measured["forward"] - plain["forward"],
+        MEASURE: measured["measure"],
         "AttentionMonitor.reduce": measured["reduce"],
         "GradientFlowCore.measure + reduce": measured["gradients"],
     }
+
+
+@contextlib.contextmanager
+def accelerator_policy() -> Iterator[None]:
+    """Count as on a GPU: the rows of all layers wait for one joint bracket, in blocks of 2**23 elements."""
+    import thetascope.capture.probe as probe
+    import thetascope.functional.theta as theta
+
+    defers, block = probe._defers, theta._BLOCK_ELEMENTS
+    probe._defers = lambda device: True  # type: ignore[assignment]
+    theta._BLOCK_ELEMENTS = theta._DEVICE_BLOCK_ELEMENTS
+    try:
+        yield
+    finally:
+        probe._defers, theta._BLOCK_ELEMENTS = defers, block  # type: ignore[assignment]
 
 
 def main(depths: tuple[int, int] = DEPTHS) -> dict[int, dict[str, float]]:
     """Print (and return, by depth) the operation counts described in the module docstring."""
     torch.set_num_threads(2)
     results = {d: _counts(d) for d in depths}
+    for d in depths:
+        with accelerator_policy():
+            gpu = _counts(d)
+        results[d][f"{CAPTURE}, as on a GPU"] = gpu[CAPTURE]
+        results[d][f"{MEASURE}, as on a GPU"] = gpu[MEASURE]
     a, b = depths
     print(
         f"device operations (aten ops, views and allocations excluded); TransformerEncoder LM, {a}/{b} layers"

@@ -15,6 +15,9 @@ def test_operation_counts_per_path_and_per_layer(capsys: pytest.CaptureFixture[s
     assert one[per_step] == two[per_step] < 15
     # the stacked statistics: the reduction does not grow with depth
     assert one["AttentionMonitor.reduce"] == two["AttentionMonitor.reduce"]
-    capture = "measured forward (capture), extra"
+    capture = bench_ops.CAPTURE
     assert 0 < two[capture] - one[capture] < 200
+    # the accelerator policy brackets the rows of every layer together: fewer operations per layer
+    gpu = f"{capture}, as on a GPU"
+    assert two[gpu] - one[gpu] < two[capture] - one[capture] - 40
     assert "per layer" in capsys.readouterr().out

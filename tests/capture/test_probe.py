@@ -468,7 +468,15 @@ def _captured_rows(probe: AttentionProbe, model: nn.Module, x: Tensor) -> list[t
     return out
 
 
-@pytest.mark.parametrize("budget", [1, 3500])  # every call alone; two layers per settlement
+@pytest.fixture
+def accelerator_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows of all layers wait for one joint bracket, as on a GPU (CPU rows are measured at once)."""
+    import thetascope.capture.probe as probe_module
+
+    monkeypatch.setattr(probe_module, "_defers", lambda device: True)
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 3500])  # all layers at the end; two layers per settlement
 def test_rows_measured_together_equal_rows_measured_call_by_call(
     monkeypatch: pytest.MonkeyPatch, budget: int
 ) -> None:
@@ -477,14 +485,25 @@ def test_rows_measured_together_equal_rows_measured_call_by_call(
     torch.manual_seed(0)
     model = NanoGPT(n_layer=4)
     x = torch.randint(0, 50, (3, 16))
-    together = _captured_rows(AttentionProbe(model, rows_per_head=8, seed=3), model, x)
+    apart = _captured_rows(AttentionProbe(model, rows_per_head=8, seed=3), model, x)  # the CPU policy
+    monkeypatch.setattr(probe_module, "_defers", lambda device: True)
     monkeypatch.setattr(probe_module, "_PENDING_ELEMENTS", budget)
-    apart = _captured_rows(AttentionProbe(model, rows_per_head=8, seed=3), model, x)
+    calls = []
+    real = probe_module.AttentionProbe._settle
+
+    def counting(self: AttentionProbe) -> None:
+        calls.append(len(self._pending))
+        real(self)
+
+    monkeypatch.setattr(probe_module.AttentionProbe, "_settle", counting)
+    together = _captured_rows(AttentionProbe(model, rows_per_head=8, seed=3), model, x)
+    assert max(calls) == (4 if budget == 1 << 24 else 2)  # really measured together
     for a, b in zip(together, apart):
         for ta, tb in zip(a, b):
             assert torch.equal(ta.nan_to_num(-1.0), tb.nan_to_num(-1.0))
 
 
+@pytest.mark.usefixtures("accelerator_policy")
 def test_a_bracket_failure_while_measuring_together_disables_only_its_layer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -519,6 +538,7 @@ def test_a_bracket_failure_while_measuring_together_disables_only_its_layer(
         model(x)
 
 
+@pytest.mark.usefixtures("accelerator_policy")
 def test_a_forward_that_raises_inside_capture_keeps_its_own_error() -> None:
     torch.manual_seed(0)
     model = NanoGPT(n_layer=2)
