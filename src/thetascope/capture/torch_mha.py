@@ -257,15 +257,22 @@ class TorchMHAAdapter(AttentionAdapter):
         """Copy of the arguments whose query projection (weight rows and bias) is multiplied by 1/tau."""
         b = dict(b)
         e = int(b["embed_dim_to_check"])
+        scale: Tensor | None = None  # [3E] of the packed weight, reused for the bias when it matches
         if b["use_separate_proj_weight"]:
             w = b["q_proj_weight"]
             b["q_proj_weight"] = w * ctx.inv_tau_on(w.device).to(w.dtype)
         else:
             w = b["in_proj_weight"]
-            b["in_proj_weight"] = w * _q_scale(ctx, e, w).unsqueeze(-1)
+            scale = _q_scale(ctx, e, w)
+            b["in_proj_weight"] = w * scale.unsqueeze(-1)
         bias = b["in_proj_bias"]
         if bias is not None:
-            b["in_proj_bias"] = bias * _q_scale(ctx, e, bias)
+            same = scale is not None and (scale.dtype, scale.device, scale.shape) == (
+                bias.dtype,
+                bias.device,
+                bias.shape,
+            )
+            b["in_proj_bias"] = bias * (scale if same else _q_scale(ctx, e, bias))
         return b
 
     def _sampled_logits(self, b: dict[str, Any], ctx: CallContext) -> tuple[Tensor, Tensor]:
@@ -356,7 +363,16 @@ class TorchMHAAdapter(AttentionAdapter):
         return logits, pos
 
 
+# Ones of the key and value rows, by (length, dtype, device): never written, so one tensor serves every call.
+_ONES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
 def _q_scale(ctx: CallContext, e: int, like: Tensor) -> Tensor:
     """``[3E]``: ``1/tau`` on the query rows, 1 on the key and value rows (dtype/device of ``like``)."""
     inv = ctx.inv_tau_on(like.device).to(like.dtype)
-    return torch.cat([inv.expand(e), like.new_ones(like.shape[0] - e)])
+    key = (like.shape[0] - e, like.dtype, like.device)
+    ones = _ONES.get(key)
+    if ones is None:
+        with torch.inference_mode(False):  # usable in training after a first call under inference mode
+            ones = _ONES[key] = torch.ones(key[0], dtype=like.dtype, device=like.device)
+    return torch.cat([inv.expand(e), ones])
