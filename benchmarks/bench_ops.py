@@ -85,13 +85,13 @@ def _counts(layers: int) -> dict[str, float]:
         opt.zero_grad()
         return ops.n
 
-    with OpCounter() as whole:
-        loss_of(model(data[54][0]), data[54][1]).backward()
-        opt.step()
-    opt.zero_grad()
     hooked = step_ops(*data[52])
     temperature.remove()
     unhooked = step_ops(*data[53])
+    with OpCounter() as whole:  # nothing of thetascope left on the model now
+        loss_of(model(data[54][0]), data[54][1]).backward()
+        opt.step()
+    opt.zero_grad()
     return {
         "training step without callbacks (fwd, bwd, AdamW)": whole.n,
         "per-step path (grad norm + 2 detector pushes)": sum(per_step) / len(per_step),
