@@ -295,32 +295,6 @@ class AttentionMonitor(AttentionSettings):
             mats[f"{name}/qh"], mats[f"{name}/kh"], mats[f"{name}/vh"] = ph["q"], ph["k"], ph["v"]
         return self.estimator(mats) if mats else {}
 
-    def _bound(
-        self, rec: LayerRecord, norms: Mapping[str, Tensor], theta_head: Tensor, b_bar: Tensor
-    ) -> Tensor:
-        from thetascope.functional.sensitivity import mha_lipschitz_bound
-
-        name = layer_name(rec)
-        w = rec.weights()
-        rep = w.n_heads // max(w.n_kv_heads, 1)
-        q_h = norms[f"{name}/qh"]
-        k_h = norms[f"{name}/kh"].repeat_interleave(rep)
-        v_h = norms[f"{name}/vh"].repeat_interleave(rep)
-        heads = rec.head_index
-        if heads is not None and theta_head.numel() != q_h.numel():  # only the sampled heads
-            heads = heads.to(q_h.device)
-            q_h, k_h, v_h = q_h[heads], k_h[heads], v_h[heads]
-        return mha_lipschitz_bound(
-            theta_head,
-            b_bar,
-            norms[f"{name}/o"],
-            q_h,
-            k_h,
-            v_h,
-            head_dim=w.head_dim,
-            tau=self.probe.temperature,
-        )
-
     def _captured(self, rec: LayerRecord) -> bool:
         """Whether the layer ran (and its kernel was seen) in the measured forward."""
         return rec.theta is not None and rec.n_captures != self._captures_before.get(id(rec), -1)
@@ -352,8 +326,7 @@ class AttentionMonitor(AttentionSettings):
             try:
                 with torch.no_grad():
                     stacked = self._group_stats(group)
-                    if norms:
-                        self._group_bounds(group, norms, stacked)
+                    self._group_bounds(group, norms or {}, stacked)
             except Exception:
                 continue
             for i, rec in enumerate(group):
@@ -363,10 +336,10 @@ class AttentionMonitor(AttentionSettings):
     def _group_bounds(
         self, recs: list[LayerRecord], norms: Mapping[str, Tensor], stacked: dict[str, Tensor]
     ) -> None:
-        """Add ``proj_norm`` and ``lipschitz_bound`` ``[K]`` to the values of :meth:`_group_stats`.
+        """Add ``proj_norm`` and, where ``stacked`` holds ``theta_head``, ``lipschitz_bound`` (``[K]`` each).
 
-        The values :meth:`_bound` gives layer by layer, when every layer has its norms and the layers share
-        one head layout (otherwise nothing is added and the layers get them one by one).
+        ``stacked`` holds values of :meth:`_group_stats` (one layer: ``K = 1``). Nothing is added unless every
+        layer has its norms and the layers share one head layout.
         """
         from thetascope.functional.sensitivity import mha_lipschitz_bound, projection_norm_product
 
@@ -387,6 +360,9 @@ class AttentionMonitor(AttentionSettings):
 
         o = column("o")
         stacked["proj_norm"] = projection_norm_product(column("q"), column("k"), column("v"), o)
+        theta_head = stacked.get("theta_head")  # [K, H']
+        if theta_head is None:  # the layer did not run in the measured forward: no bound
+            return
         n_heads, n_kv, head_dim = layouts.pop()
         rep = n_heads // max(n_kv, 1)
         q_h, k_h, v_h = (
@@ -394,7 +370,6 @@ class AttentionMonitor(AttentionSettings):
             column("kh").repeat_interleave(rep, -1),
             column("vh").repeat_interleave(rep, -1),
         )
-        theta_head = stacked["theta_head"]  # [K, H']
         if heads is not None and theta_head.shape[-1] != q_h.shape[-1]:  # only the sampled heads
             heads = heads.to(q_h.device)
             q_h, k_h, v_h = q_h[:, heads], k_h[:, heads], v_h[:, heads]
@@ -410,7 +385,8 @@ class AttentionMonitor(AttentionSettings):
         )
 
     def _group_stats(self, recs: list[LayerRecord]) -> dict[str, Tensor]:
-        """:meth:`_layer_stats` of layers with equal row layouts, every value with a leading layer dim [K]."""
+        """Per-rank increments (and ``theta_head``) of captured layers with one row layout, every value with a
+        leading layer dim ``[K]`` (one layer: ``K = 1``, see :meth:`_layer_stats`)."""
         thetas = [r.theta for r in recs]
         assert all(t is not None for t in thetas)
         lower = torch.stack([t.lower for t in thetas if t is not None]).float()  # [K, ...]
@@ -453,12 +429,10 @@ class AttentionMonitor(AttentionSettings):
         together = self._together.pop(id(rec), None)
         if together is not None:  # computed with the other layers of its row layout (_stats_together)
             return together
-        theta = rec.theta
-        device = theta.lower.device if theta is not None else self._device()
-        nan = torch.tensor(math.nan, device=device)
-        if theta is None or rec.n_captures == self._captures_before.get(id(rec), -1):
+        if not self._captured(rec):
             # the layer did not run in the measured forward (or its kernel was not seen): a rank that saw
             # nothing adds nothing, and no stale values from an earlier capture
+            device = rec.theta.lower.device if rec.theta is not None else self._device()
             none = torch.empty(0, device=device)
             theta_inc = _theta_update(ThetaBounds(none, none), THETA_THRESHOLD, DEFAULT_THETA_BINS)
             ent_inc = _entropy_update(none)
@@ -466,28 +440,7 @@ class AttentionMonitor(AttentionSettings):
             out.update({f"entropy/{k}": v for k, v in ent_inc._asdict().items()})
             out["nonfinite_rows"] = torch.zeros((), device=device)
             return out
-        lower, upper = theta.lower.float(), theta.upper.float()
-        valid = torch.isfinite(lower) & torch.isfinite(upper)
-        theta_inc = _theta_update(ThetaBounds(lower, upper), THETA_THRESHOLD, DEFAULT_THETA_BINS)
-        # entropy over the rows whose theta is valid (the same rows)
-        ent = rec.entropy.float() if rec.entropy is not None else torch.full_like(lower, math.nan)
-        ent_inc = _entropy_update(torch.where(valid, ent, math.nan))
-        out = {f"theta/{k}": v for k, v in theta_inc._asdict().items()}
-        out.update({f"entropy/{k}": v for k, v in ent_inc._asdict().items()})
-        for field in ("attn_input_max_norm", "residual_max_norm"):
-            value = getattr(rec, field)
-            out[field] = value.float() if value is not None else nan
-        out["nonfinite_rows"] = rec.n_nonfinite_rows.float() if rec.n_nonfinite_rows is not None else nan
-        if rec.max_logit is not None:
-            logits = rec.max_logit.float()
-            top = torch.where(torch.isfinite(logits), logits, -math.inf).amax() if logits.numel() else nan
-            out["max_logit"] = _finite_or_nan(top)
-        # per-head theta max over (batch, rows): [H'] for Thm 5.1
-        masked = torch.where(valid, upper, -math.inf)
-        out["theta_head"] = _finite_or_nan(
-            masked.amax(dim=(0, 2)) if upper.dim() == 3 else masked.amax().reshape(1)
-        )
-        return out
+        return {k: v[0] for k, v in self._group_stats([rec]).items()}
 
     def measure(self) -> dict[str, Tensor]:
         """Per-rank partial values of the forward just captured: device tensors, no host sync.
@@ -521,17 +474,13 @@ class AttentionMonitor(AttentionSettings):
             try:
                 with torch.no_grad():
                     vals = self._layer_stats(rec)
-                    theta_head = vals.pop("theta_head", None)
-                    if f"{name}/q" in norms and "proj_norm" not in vals:  # else computed with its group
-                        from thetascope.functional.sensitivity import projection_norm_product
-
-                        vals["proj_norm"] = projection_norm_product(
-                            norms[f"{name}/q"], norms[f"{name}/k"], norms[f"{name}/v"], norms[f"{name}/o"]
-                        )
-                        if theta_head is not None:
-                            vals["lipschitz_bound"] = self._bound(
-                                rec, norms, theta_head, vals["attn_input_max_norm"]
-                            )
+                    if "proj_norm" not in vals:  # else computed with its group; here as a group of one
+                        one: dict[str, Tensor] = {
+                            k: vals[k][None] for k in ("theta_head", "attn_input_max_norm") if k in vals
+                        }
+                        self._group_bounds([rec], norms, one)
+                        vals.update({k: one[k][0] for k in ("proj_norm", "lipschitz_bound") if k in one})
+                    vals.pop("theta_head", None)
             except Exception as err:
                 self.guard.fail(name, err, rank)
                 vals = {}
