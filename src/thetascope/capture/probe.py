@@ -290,7 +290,7 @@ class AttentionProbe:
         self._installed_for: str | None = None  # None | "temperature" | "capture"
         self._recording = False
         self._pending: list[_PendingRows] = []
-        self._aranges: dict[tuple[int, torch.device], Tensor] = {}
+        self._indices: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
         self._pending_elements = 0
         self._compiled_seen = False
         self._n_captures = 0
@@ -428,30 +428,16 @@ class AttentionProbe:
     # ---------------------------------------------------------------------------------------------- sampling
     def _select(self, batch: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
         nb = batch if self.batch_size is None else min(batch, self.batch_size)
-        bi = torch.arange(nb, device=device)
-        if self.heads is None:
-            hi = torch.arange(heads, device=device)
-        else:
-            hi = torch.tensor(self.heads, dtype=torch.long).to(device)
-        return bi, hi
+        hi = self._index(range(heads) if self.heads is None else self.heads, device)
+        return self._index(range(nb), device), hi
 
-    def _arange(self, n: int, device: torch.device) -> Tensor:
-        """``arange(n)`` on ``device``, made once (read-only: layers share it)."""
-        key = (n, device)
-        t = self._aranges.get(key)
+    def _index(self, values: Sequence[int], device: torch.device) -> Tensor:
+        """``values`` as a long tensor on ``device``, made once per values and device (read-only: shared)."""
+        key = (tuple(values), device)
+        t = self._indices.get(key)
         if t is None:
             with torch.inference_mode(False):  # usable after a capture run under inference mode, too
-                t = self._aranges[key] = torch.arange(n, device=device)
-        return t
-
-    def _heads_on(self, device: torch.device) -> Tensor:
-        """The ``heads=`` indices on ``device``, made once (read-only: layers share it)."""
-        assert self.heads is not None
-        key = (-1, device)  # arange keys are lengths >= 0
-        t = self._aranges.get(key)
-        if t is None:
-            with torch.inference_mode(False):
-                t = self._aranges[key] = torch.tensor(self.heads, dtype=torch.long).to(device)
+                t = self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
         return t
 
     def _selects_all(self, batch: int, heads: int) -> tuple[bool, bool]:
@@ -499,9 +485,8 @@ class AttentionProbe:
         measured: dict[int, tuple[ThetaBounds, Tensor] | Exception] = {}
 
         def measure(probs: Tensor) -> tuple[ThetaBounds, Tensor]:
-            return balanced_mass_factor(probs, exact_top=self.exact_top, validate=False), attention_entropy(
-                probs
-            )
+            theta = balanced_mass_factor(probs, exact_top=self.exact_top, validate=False)
+            return theta, attention_entropy(probs)
 
         groups: dict[tuple[torch.device, int], list[int]] = {}
         for i, item in enumerate(items):
@@ -566,8 +551,8 @@ class AttentionProbe:
         rec.entropy = entropy
         rec.max_logit = max_logit
         rec.query_positions = pos
-        rec.batch_index = self._arange(pos.shape[0], device)
-        rec.head_index = self._arange(pos.shape[1], device) if self.heads is None else self._heads_on(device)
+        rec.batch_index = self._index(range(pos.shape[0]), device)
+        rec.head_index = self._index(range(pos.shape[1]) if self.heads is None else self.heads, device)
         rec.n_masked_rows = n_masked
         rec.n_nonfinite_rows = n_nonfinite
 
