@@ -33,17 +33,27 @@ def _check(x: Tensor, mask: Tensor | None) -> None:
             ) from err
 
 
+def _wide_token_norms(x: Tensor) -> Tensor | None:
+    """Per-token 2-norms ``[..., L]`` reduced in float64, or ``None`` where that path does not apply.
+
+    In float64 no square of a float32 or half entry overflows: a norm is then non-finite exactly when its
+    token holds a NaN or inf, so one pass over x replaces a finiteness pass and a norm pass (4x faster on
+    [1024, 128] float32 tokens on CPU). Not for float64 input (whose squares can overflow) or devices without
+    float64.
+    """
+    if x.dtype == torch.float64 or x.device.type not in ("cpu", "cuda"):  # (MPS has no float64)
+        return None
+    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64)
+
+
 def _token_norms(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token 2-norms ``[..., L]`` (float32 or better) and a bool ``[..., L]``: token all finite."""
+    norms = _wide_token_norms(x)
+    if norms is not None:
+        return norms.float(), torch.isfinite(norms)
     x = x.detach()
-    if x.dtype == torch.float64 or x.device.type not in ("cpu", "cuda"):  # (MPS has no float64)
-        x = x if x.dtype == torch.float64 else x.float()
-        return torch.linalg.vector_norm(x, dim=-1), torch.isfinite(x).all(dim=-1)
-    # Reduced in float64, where no square of a float32 or half entry overflows: a norm is then non-finite
-    # exactly when its token holds a NaN or inf, so one pass over x replaces a finiteness pass and a norm pass
-    # (4x faster on [1024, 128] float32 tokens on CPU).
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
-    return norms.float(), torch.isfinite(norms)
+    x = x if x.dtype == torch.float64 else x.float()
+    return torch.linalg.vector_norm(x, dim=-1), torch.isfinite(x).all(dim=-1)
 
 
 def max_token_norm(x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -61,10 +71,10 @@ def max_token_norm(x: Tensor, mask: Tensor | None = None) -> Tensor:
         tensor(5.)
     """
     _check(x, mask)
-    if x.dtype != torch.float64 and x.device.type in ("cpu", "cuda"):
-        # float64 norms are non-finite exactly for the tokens holding a NaN or inf (see _token_norms): zeroing
-        # them skips those tokens in one operation instead of a finiteness test and a select
-        norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64)
+    norms = _wide_token_norms(x)
+    if norms is not None:
+        # non-finite exactly for the tokens holding a NaN or inf: zeroing them skips those tokens in one
+        # operation instead of a finiteness test and a select
         norms = torch.nan_to_num(norms, nan=0.0, posinf=0.0)
         if mask is not None:
             norms = torch.where(mask, norms, 0.0)
