@@ -267,6 +267,7 @@ class TorchMHAAdapter(AttentionAdapter):
             b["in_proj_weight"] = w * scale.unsqueeze(-1)
         bias = b["in_proj_bias"]
         if bias is not None:
+            # the packed weight's scale serves the bias too when they agree in dtype, device and length
             same = scale is not None and (scale.dtype, scale.device, scale.shape) == (
                 bias.dtype,
                 bias.device,

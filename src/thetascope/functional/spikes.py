@@ -15,6 +15,17 @@ __all__ = ["MAD_TO_STD", "SpikeDetector"]
 MAD_TO_STD = 1.4826
 
 
+def _settled(name: str, doc: str) -> property:
+    """A read-only view of the state tensor ``name`` as of the last value pushed (settles pending values)."""
+
+    def get(self: SpikeDetector) -> Tensor:
+        self._settle()
+        value: Tensor = getattr(self, name)
+        return value
+
+    return property(get, doc=doc)
+
+
 class SpikeDetector:
     """Flags upward spikes of a scalar series (loss, gradient norm) against a robust running baseline.
 
@@ -137,35 +148,11 @@ class SpikeDetector:
         self._settle()
         return self._ring[: self.window]
 
-    @property
-    def pos(self) -> Tensor:
-        """0-dim long: the ring index the next finite value goes to."""
-        self._settle()
-        return self._pos
-
-    @property
-    def n_finite(self) -> Tensor:
-        """0-dim long: finite values seen."""
-        self._settle()
-        return self._n_finite
-
-    @property
-    def n_seen(self) -> Tensor:
-        """0-dim long: values seen."""
-        self._settle()
-        return self._n_seen
-
-    @property
-    def n_spikes(self) -> Tensor:
-        """0-dim long: values flagged (non-finite ones included)."""
-        self._settle()
-        return self._n_spikes
-
-    @property
-    def n_nonfinite(self) -> Tensor:
-        """0-dim long: non-finite values seen."""
-        self._settle()
-        return self._n_nonfinite
+    pos = _settled("_pos", "0-dim long: the ring index the next finite value goes to.")
+    n_finite = _settled("_n_finite", "0-dim long: finite values seen.")
+    n_seen = _settled("_n_seen", "0-dim long: values seen.")
+    n_spikes = _settled("_n_spikes", "0-dim long: values flagged (non-finite ones included).")
+    n_nonfinite = _settled("_n_nonfinite", "0-dim long: non-finite values seen.")
 
     def to(self, device: torch.device | str) -> SpikeDetector:
         """Move the state to ``device`` (done automatically on the first :meth:`update` with a new device)."""
