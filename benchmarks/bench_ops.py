@@ -14,6 +14,12 @@ gives the operations per layer. Counted with the framework-free cores (what the 
   plain one; then ``AttentionMonitor.measure``, its ``reduce`` and ``GradientFlowCore.measure`` + ``reduce``;
 * the captured forward and ``measure`` again "as on a GPU": with the probe's accelerator policy (the rows of
   all layers wait for one joint bracket, whose blocks hold 2**23 elements), emulated on CPU.
+
+Then the same paths of the ``make bench-gpu`` models, the demo GPT at GPT-2 124M (12 x 768, B=8) and 774M
+(36 x 1280, B=4) shapes, L=1024, bf16 weights, 64 rows per head, counted on the ``meta`` device: no memory and
+no arithmetic, but every operation a CUDA device would launch, with the paths CUDA takes (the accelerator
+policy, the float64 token norms; the spectral estimator's start vectors come from a plain ``randn`` since meta
+has no generator). The gradient measurement is counted up to its one host copy, which meta cannot make.
 """
 
 from __future__ import annotations
@@ -118,10 +124,108 @@ def accelerator_policy() -> Iterator[None]:
         probe._defers, theta._BLOCK_ELEMENTS = defers, block  # type: ignore[assignment]
 
 
-def main(depths: tuple[int, int] = DEPTHS) -> dict[int, dict[str, float]]:
-    """Print (and return, by depth) the operation counts described in the module docstring."""
+#: (name, layers, width, heads, batch) of the GPT-2 shapes of ``benchmarks/gpu.py``, counted on meta.
+GPT2_SHAPES = (("GPT-2 124M", 12, 768, 12, 8), ("GPT-2 774M", 36, 1280, 20, 4))
+GPT2_LENGTH, GPT2_VOCAB = 1024, 50257
+
+
+@contextlib.contextmanager
+def meta_as_cuda() -> Iterator[None]:
+    """Let the cores run on the meta device along the paths they take on CUDA (see the module docstring)."""
+    import thetascope.functional.norms as norms
+    import thetascope.functional.spectral as spectral
+
+    def wide(x: torch.Tensor) -> torch.Tensor | None:
+        return None if x.dtype == torch.float64 else torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
+
+    def start_block(
+        shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: object
+    ) -> torch.Tensor:
+        return torch.randn(shape, dtype=dtype, device=device)
+
+    saved = (norms._wide_token_norms, spectral._random_block, spectral.SpectralNormEstimator._generator)
+    norms._wide_token_norms = wide  # type: ignore[assignment]
+    spectral._random_block = start_block  # type: ignore[assignment]
+    spectral.SpectralNormEstimator._generator = lambda self, device: None  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        norms._wide_token_norms, spectral._random_block = saved[0], saved[1]  # type: ignore[assignment]
+        spectral.SpectralNormEstimator._generator = saved[2]  # type: ignore[method-assign]
+
+
+def gpt2_counts(
+    layers: int, d: int, heads: int, batch: int, length: int = GPT2_LENGTH, vocab: int = GPT2_VOCAB
+) -> dict[str, float]:
+    """Device operations of each path of the demo GPT of the given shape, counted on the meta device."""
+    from thetascope.demo.model import GPT, GPTConfig
+    from thetascope.monitors import AttentionMonitor, GradientFlowCore
+    from thetascope.monitors.temperature import TemperatureController
+    from thetascope.schedules.temperature import TemperatureSchedule
+
+    with meta_as_cuda():
+        with torch.device("meta"):
+            cfg = GPTConfig(vocab_size=vocab, block_size=length, n_layer=layers, n_head=heads, n_embd=d)
+            model = GPT(cfg).to(torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        attention, gradients = AttentionMonitor(model, rows_per_head=64), GradientFlowCore(model)
+        x = torch.zeros(batch, length, dtype=torch.long, device="meta")
+
+        def step(measure: bool) -> dict[str, int]:
+            with OpCounter() as fwd:
+                if measure:
+                    with attention.capture():
+                        out = model(x)
+                else:
+                    out = model(x)
+            loss = F.cross_entropy(out.reshape(-1, vocab).float(), x.reshape(-1))
+            loss.backward()
+            with OpCounter() as per_step:
+                gradients.observe_step(opt)
+                gradients.observe_loss(loss)
+            opt.step()
+            opt.zero_grad()
+            counts = {"forward": fwd.n, "per_step": per_step.n}
+            if measure:
+                with OpCounter() as m:
+                    attention.measure()
+                with OpCounter() as g:
+                    gradients.measure(opt)
+                counts.update(measure=m.n, gradients=g.n)
+            return counts
+
+        def forward_backward() -> int:
+            with OpCounter() as ops:
+                F.cross_entropy(model(x).reshape(-1, vocab).float(), x.reshape(-1)).backward()
+            opt.zero_grad()
+            return ops.n
+
+        step(True)  # cold: power-iteration vectors, caches
+        plain, measured = step(False), step(True)
+        temperature = TemperatureController(model, TemperatureSchedule(2.0, 1.0, 10**6))
+        temperature.step(0)
+        hooked = forward_backward()
+        temperature.remove()
+        unhooked = forward_backward()
+    return {
+        "per-step path": plain["per_step"],
+        "temperature hook, forward + backward": hooked - unhooked,
+        CAPTURE: measured["forward"] - plain["forward"],
+        MEASURE: measured["measure"],
+        "GradientFlowCore.measure (to its host copy)": measured["gradients"],
+        "measured step, all of the above": measured["forward"]
+        - plain["forward"]
+        + measured["measure"]
+        + measured["gradients"],
+    }
+
+
+def main(
+    depths: tuple[int, int] = DEPTHS, shapes: tuple[tuple[str, int, int, int, int], ...] = GPT2_SHAPES
+) -> dict[int | str, dict[str, float]]:
+    """Print (and return, by depth or shape name) the operation counts described in the module docstring."""
     torch.set_num_threads(2)
-    results = {d: _counts(d) for d in depths}
+    results: dict[int | str, dict[str, float]] = {d: _counts(d) for d in depths}
     for d in depths:
         with accelerator_policy():
             gpu = _counts(d)
@@ -135,6 +239,13 @@ def main(depths: tuple[int, int] = DEPTHS) -> dict[int, dict[str, float]]:
     for key in results[a]:
         va, vb = results[a][key], results[b][key]
         print(f"{key:<50}{va:>8.1f}{vb:>8.1f}{(vb - va) / (b - a):>11.1f}")
+    if shapes:
+        for name, layers, d, heads, batch in shapes:
+            results[name] = gpt2_counts(layers, d, heads, batch)
+        print("\ndemo GPT on the meta device, as on CUDA (bf16, L=1024, 64 rows per head): device operations")
+        print(f"{'path':<50}" + "".join(f"{name:>14}" for name, *_ in shapes))
+        for key in results[shapes[0][0]]:
+            print(f"{key:<50}" + "".join(f"{results[name][key]:>14.0f}" for name, *_ in shapes))
     return results
 
 

@@ -102,6 +102,33 @@ def test_sdpa_masks_and_fully_masked_rows(kind: str) -> None:
     assert int(rec.n_nonfinite_rows) == 0
 
 
+@pytest.mark.parametrize("tau", [2.0, 0.5])
+def test_sdpa_temperature_leaves_an_additive_mask_undivided(tau: float) -> None:
+    # The kernel is handed q / tau, so a finite additive mask (a position bias) is added undivided; the
+    # measured rows must be those of the kernel: softmax(q k^T scale / tau + mask), here from torch itself.
+    torch.manual_seed(3)
+    m = KernelAttention(is_causal=False)
+    with torch.no_grad():
+        m.q_proj.weight.mul_(4)
+    x = torch.randn(2, 6, 16)
+    mask = 2.0 * torch.randn(2, 1, 6, 6)
+    probe = AttentionProbe(m, rows_per_head=None)
+    probe.set_temperature(tau)
+    with torch.no_grad(), probe.capture():
+        m(x, None, mask)
+    probe.set_temperature(1.0)
+    rec = probe.layers[0]
+    assert rec.theta is not None
+    probs = sdpa_probs(m.last["q"] / tau, m.last["k"], attn_mask=mask)
+    want = balanced_mass_factor(probs.double(), validate=False)
+    torch.testing.assert_close(rec.theta.upper.double(), want.upper, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rec.theta.lower.double(), want.lower, atol=1e-5, rtol=0)
+    # dividing the mask too (what the sampled logits used to do) gives other rows: the check can tell
+    divided = sdpa_probs(m.last["q"] / tau, m.last["k"], attn_mask=mask / tau)
+    other = balanced_mass_factor(divided.double(), validate=False)
+    assert (other.upper - want.upper).abs().max() > 1e-3
+
+
 def test_sdpa_gqa() -> None:
     torch.manual_seed(2)
     m = KernelAttention(d=32, n_head=4, n_kv=2, enable_gqa=True, is_causal=True)

@@ -98,6 +98,11 @@ def _case(name: str) -> tuple[nn.MultiheadAttention, tuple[Tensor, ...], dict[st
     if name == "bias_kv_zero_attn":
         m = _mha(batch_first=True, add_bias_kv=True, add_zero_attn=True)
         return m, (x_bf, x_bf, x_bf), {"attn_mask": _causal_bool(L), "key_padding_mask": kpm}
+    if name == "strided_seq_first":  # [L, B, E] contiguous in neither token order
+        x = x_bf.permute(2, 1, 0).contiguous().permute(1, 2, 0)
+        assert not x.is_contiguous()
+        assert not x.transpose(0, 1).is_contiguous()
+        return _mha(), (x, x, x), {"attn_mask": _causal_bool(L), "key_padding_mask": kpm}
     if name == "unbatched":
         x = x_bf[0]
         return _mha(), (x, x, x), {"attn_mask": _causal_bool(L)}
@@ -114,6 +119,7 @@ CASES = [
     "bool_mask_3d",
     "cross_kdim",
     "bias_kv_zero_attn",
+    "strided_seq_first",
     "unbatched",
 ]
 

@@ -139,7 +139,12 @@ class CallContext(Protocol):
         ...
 
     def sample_rows(self, batch: int, heads: int, q_len: int, device: torch.device) -> Tensor:
-        """Sampled query positions ``[B', H', R]`` for the items/heads of :meth:`select` (sorted per row)."""
+        """Sampled query positions ``[B', H', R]`` for the items/heads of :meth:`select` (sorted per row).
+
+        Read-only. Sampled positions are laid out head-major in memory (``positions.transpose(0, 1)`` is
+        contiguous), so the rows of all items of one head can be indexed without a copy; "every row" is an
+        expanded range.
+        """
         ...
 
     def record_logits(self, logits: Tensor, query_positions: Tensor, *, valid: Tensor | None = None) -> None:
@@ -316,6 +321,25 @@ def _softmax_is_attention(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool
     return isinstance(dim, int) and dim in (-1, 3)
 
 
+# 0, 1, 2, ... by device, for causal masks: never written, so one tensor (grown as needed) serves every call.
+_KEY_RANGES: dict[torch.device, Tensor] = {}
+
+
+def key_range(n: int, device: torch.device | str) -> Tensor:
+    """``torch.arange(n, device=device)`` as a view of one cached range per device (read-only: shared).
+
+    Example:
+        >>> key_range(3, "cpu")
+        tensor([0, 1, 2])
+    """
+    device = torch.device(device)
+    t = _KEY_RANGES.get(device)
+    if t is None or t.numel() < n:
+        with torch.inference_mode(False):  # usable in training after a first call under inference mode
+            t = _KEY_RANGES[device] = torch.arange(max(n, 2 * (0 if t is None else t.numel())), device=device)
+    return t[:n]
+
+
 def take(x: Tensor, dim: int, index: Tensor, everything: bool = False) -> Tensor:
     """``x.index_select(dim, index)``, or ``x`` itself when ``index`` selects every entry in order
     (``everything``, e.g. from :meth:`CallContext.selects_all`: one copy less); a size-1 (broadcast) ``dim``
@@ -338,6 +362,23 @@ def gather_rows(
     return x.gather(2, idx)
 
 
+def scaled_product(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``scale * q @ k^T`` for ``q [..., R, E]`` and ``k [..., S, E]`` (same leading dims), as one batched
+    matmul whose ``alpha`` does the scaling (no copies when both are contiguous).
+
+    Example:
+        >>> q, k = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+        >>> torch.allclose(scaled_product(q, k, 0.5), 0.5 * q @ k.transpose(-1, -2))
+        True
+    """
+    lead = q.shape[:-2]
+    q3 = q.reshape(-1, q.shape[-2], q.shape[-1])
+    k3 = k.reshape(-1, k.shape[-2], k.shape[-1])
+    out = q3.new_empty(q3.shape[0], q3.shape[1], k3.shape[1])
+    # beta=0: the (uninitialised) input is ignored, NaN and inf in it included
+    return torch.baddbmm(out, q3, k3.transpose(1, 2), beta=0.0, alpha=scale).view(*lead, *out.shape[1:])
+
+
 def sdpa_sampled_logits(
     q: Tensor,
     k: Tensor,
@@ -352,8 +393,9 @@ def sdpa_sampled_logits(
     Handles ``scale=None`` (``1/sqrt(E)``), boolean (True = attend) and additive masks broadcastable to ``[B,
     H, Lq, Lk]``, ``is_causal`` with torch's top-left alignment (query ``i`` sees keys ``j <= i`` even when
     ``Lq != Lk``) and grouped-query attention (query head ``h`` reads key head ``h // (H // H_kv)``, as
-    ``enable_gqa`` and HF ``repeat_kv`` do). Computed in float32, multiplied by ``ctx.inv_tau`` when a
-    temperature is applied. Mask entries ``-inf`` stay ``-inf``.
+    ``enable_gqa`` and HF ``repeat_kv`` do). Computed in float32; when a temperature is applied, the product
+    is multiplied by ``1/tau`` and the mask is not, as in the kernel, which is handed ``q / tau``. Mask
+    entries ``-inf`` stay ``-inf``.
 
     Args:
         q: ``[B, H, Lq, E]`` (3-D inputs are treated as ``B = 1``).
@@ -376,23 +418,26 @@ def sdpa_sampled_logits(
     bi, hi = ctx.select(bsz, n_heads, q.device)
     everything = ctx.selects_all(bsz, n_heads)
     pos = ctx.sample_rows(bsz, n_heads, q_len, q.device)
-    qr = gather_rows(q.detach(), bi, hi, pos, everything).float()
+    qr = gather_rows(q.detach(), bi, hi, pos, everything).float()  # [B', H', R, E]
     kk = take(k.detach(), 0, bi, everything[0])
-    kk = take(kk, 1, hi if rep == 1 else hi // rep, everything[1] and rep == 1).float()
+    kk = take(kk, 1, hi if rep == 1 else hi // rep, everything[1] and rep == 1)
+    kk = kk.to(torch.float32, memory_format=torch.contiguous_format)  # the cast and the layout bmm needs
     s = (1.0 / math.sqrt(e)) if scale is None else float(scale)
-    logits = torch.matmul(qr, kk.transpose(-1, -2)) * s
+    if ctx.apply_temperature:
+        s *= ctx.inv_tau_float  # the kernel's q * (1/tau), folded into the one scaling of the product
+    logits = scaled_product(qr, kk, s)
     if attn_mask is not None:
         m = attn_mask.detach()
         while m.dim() < 4:
             m = m.unsqueeze(0)
         m = m.expand(m.shape[0], m.shape[1], q_len, k_len) if m.shape[2] == 1 else m
         mr = gather_rows(m, bi, hi, pos)
-        logits = logits.masked_fill(~mr, float("-inf")) if mr.dtype == torch.bool else logits + mr.float()
+        if mr.dtype == torch.bool:
+            logits.masked_fill_(~mr, float("-inf"))
+        else:
+            logits.add_(mr)
     if is_causal:
-        keys = torch.arange(k_len, device=q.device)
-        logits = logits.masked_fill(keys > pos.unsqueeze(-1), float("-inf"))
-    if ctx.apply_temperature:
-        logits = logits * ctx.inv_tau_on(logits.device).float()
+        logits.masked_fill_(key_range(k_len, q.device) > pos.unsqueeze(-1), float("-inf"))
     return logits, pos
 
 

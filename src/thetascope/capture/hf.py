@@ -24,7 +24,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from thetascope.capture.adapters import AttentionAdapter, CallContext, gather_rows, register_adapter, take
+from thetascope.capture.adapters import (
+    AttentionAdapter,
+    CallContext,
+    gather_rows,
+    key_range,
+    register_adapter,
+    scaled_product,
+    take,
+)
 from thetascope.capture.projections import ProjectionFinder
 from thetascope.capture.records import ProjectionWeights
 
@@ -215,12 +223,13 @@ def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallConte
     bi, hi = ctx.select(bsz, n_heads, dev)
     everything = ctx.selects_all(bsz, n_heads)
     pos = ctx.sample_rows(bsz, n_heads, q_len, dev)
-    qr = gather_rows(q.detach(), bi, hi, pos, everything).float()
+    qr = gather_rows(q.detach(), bi, hi, pos, everything).float()  # [B', H', R, E]
     kk = take(k.detach(), 0, bi, everything[0])
-    kk = take(kk, 1, hi if rep == 1 else hi // rep, everything[1] and rep == 1).float()
+    kk = take(kk, 1, hi if rep == 1 else hi // rep, everything[1] and rep == 1)
+    kk = kk.to(torch.float32, memory_format=torch.contiguous_format)  # the cast and the layout bmm needs
     scaling = bound.get("scaling")
     s = e**-0.5 if scaling is None else float(scaling)
-    logits = torch.matmul(qr, kk.transpose(-1, -2)) * s
+    logits = scaled_product(qr, kk, s)
     softcap = bound.get("softcap")
     if softcap is not None:
         c = float(softcap)
@@ -230,7 +239,7 @@ def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallConte
         logits = logits + gather_rows(bias.detach()[..., :k_len], bi, hi, pos, everything).float()
     if ctx.apply_temperature:
         logits = logits * ctx.inv_tau_on(dev).float()
-    keys = torch.arange(k_len, device=dev)
+    keys = key_range(k_len, dev)
     flash = impl.startswith("flash")
     if isinstance(mask, Tensor) and not (flash and mask.dim() == 2):
         m = mask.detach()[..., :k_len]

@@ -40,6 +40,8 @@ _NORM_HINTS = ("layernorm", "rmsnorm", "groupnorm", "batchnorm", "norm")
 # 64 MB of float32 (GPT-2 774M, B=4, 64 rows per head: three layers, 15,360 rows, which fit one bracket block
 # of 2**23 elements on a GPU), a few dozen kernel launches for all of them.
 _PENDING_ELEMENTS = 1 << 24
+# Random scores drawn at once for the sampled rows of several layers (16 MB of host memory at most).
+_DRAW_ELEMENTS = 1 << 22
 
 
 def _defers(device: torch.device) -> bool:
@@ -291,6 +293,7 @@ class AttentionProbe:
         self._recording = False
         self._pending: list[_PendingRows] = []
         self._indices: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+        self._draws: dict[tuple[int, int, int, torch.device], list[Tensor]] = {}
         self._pending_elements = 0
         self._compiled_seen = False
         self._n_captures = 0
@@ -448,10 +451,18 @@ class AttentionProbe:
         nb = batch if self.batch_size is None else min(batch, self.batch_size)
         nh = heads if self.heads is None else len(self.heads)
         if self.rows_per_head is None or self.rows_per_head >= q_len:
-            return torch.arange(q_len, device=device).expand(nb, nh, q_len)
-        scores = torch.rand((nb, nh, q_len), generator=self._gen)
-        pos = scores.topk(self.rows_per_head, dim=-1).indices.sort(dim=-1).values
-        return pos.to(device)
+            return self._index(range(q_len), device).expand(nb, nh, q_len)
+        # One draw serves as many kernel calls as there are layers (one host-to-device copy for all of them on
+        # an accelerator), head-major ([H', B', R] in memory), so the adapters' row indices need no copy. A
+        # capture's draws depend only on the seed, the capture count and the order of the calls.
+        key = (nb, nh, q_len, device)
+        pool = self._draws.get(key)
+        if not pool:
+            n = max(1, min(len(self.layers), _DRAW_ELEMENTS // (nb * nh * q_len)))
+            scores = torch.rand((n, nh, nb, q_len), generator=self._gen)
+            pos = scores.topk(self.rows_per_head, dim=-1).indices.sort(dim=-1).values.to(device)
+            pool = self._draws[key] = list(pos.transpose(1, 2).unbind(0))[::-1]  # each [B', H', R]
+        return pool.pop()
 
     # ---------------------------------------------------------------------------------------------- recording
     def _record(self, ctx: _LayerContext, logits: Tensor, pos: Tensor, valid: Tensor | None) -> None:
@@ -642,6 +653,7 @@ class AttentionProbe:
         if self._recording:
             raise RuntimeError("AttentionProbe.capture() is already active")
         self._gen.manual_seed(self.seed * 1_000_003 + self._n_captures)
+        self._draws = {}
         self._n_captures += 1
         self._install("capture")
         self._recording = True

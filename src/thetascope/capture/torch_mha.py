@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thetascope.capture.adapters import AttentionAdapter, CallContext, register_adapter, take
+from thetascope.capture.adapters import AttentionAdapter, CallContext, key_range, register_adapter, take
 from thetascope.capture.records import ProjectionWeights
 
 __all__ = ["TorchMHAAdapter", "mha_fastpath_disabled"]
@@ -302,14 +302,24 @@ class TorchMHAAdapter(AttentionAdapter):
             w = b["in_proj_weight"].detach()
             w_q, w_k = w[:e], w[e : 2 * e]
 
-        # q of the sampled rows, per head: [B', H', R, d_h]
-        q_in = take(query.transpose(0, 1), 0, bi, all_b).float()  # [B', L, E]
-        idx = pos.reshape(nb, nh * r, 1).expand(-1, -1, e)
-        q_rows = q_in.gather(1, idx).view(nb, nh, r, e)
-        w_qh = take(w_q.float().view(n_heads, dh, e), 0, hi, all_h)  # [H', d_h, E]
-        q = torch.einsum("bhre,hde->bhrd", q_rows, w_qh)
-        if b_q is not None:
-            q = q + take(b_q.view(n_heads, dh), 0, hi, all_h)[None, :, None, :]
+        # q of the sampled rows, per head, scaled as the kernel scales it: [B', H', R, d_h]. The rows are
+        # picked from the query's tokens by one index_select in head-major order (on CPU several times faster
+        # than a gather, and only they are cast to float32), then one (b)addbmm with each head's weight rows.
+        tokens, item_step, pos_step = _token_rows(query)  # [L * B, E]
+        pos_h, items = pos.transpose(0, 1), bi.view(1, nb, 1)  # [H', B', R]: contiguous for the probe's draws
+        if pos_step == 1:
+            flat = torch.add(pos_h, items, alpha=item_step)
+        else:
+            flat = torch.add(items, pos_h, alpha=pos_step)
+        q_rows = tokens.index_select(0, flat.reshape(-1)).float().view(nh, nb * r, e)
+        w_qh = take(w_q.float().view(n_heads, dh, e), 0, hi, all_h).transpose(1, 2)  # [H', E, d_h]
+        scale = math.sqrt(1.0 / dh)
+        if b_q is None:
+            q = torch.bmm(q_rows, w_qh).mul_(scale)
+        else:
+            b_qh = take(b_q.view(n_heads, dh), 0, hi, all_h).unsqueeze(1)  # [H', 1, d_h]
+            q = torch.baddbmm(b_qh, q_rows, w_qh, beta=scale, alpha=scale)
+        q = q.view(nh, nb, r, dh).transpose(0, 1)  # [B', H', R, d_h]
 
         # keys, per head: [B', H', S, d_h]
         static_k: Tensor | None = b["static_k"]
@@ -332,7 +342,7 @@ class TorchMHAAdapter(AttentionAdapter):
         src_len = k.shape[2]
 
         # the kernel scales q before the product (need_weights path); the SDPA path scales the same way
-        logits = torch.matmul(q * math.sqrt(1.0 / dh), k.transpose(-1, -2))
+        logits = torch.matmul(q, k.transpose(-1, -2))
 
         # masks, following F.multi_head_attention_forward's own logic
         need_weights = bool(b["need_weights"])
@@ -342,13 +352,12 @@ class TorchMHAAdapter(AttentionAdapter):
             raise RuntimeError("is_causal=True needs attn_mask (the kernel raises the same error)")
         if is_causal and kpm is None and not need_weights:
             # the kernel drops attn_mask and asks SDPA for its causal mask (top-left aligned)
-            keys = torch.arange(src_len, device=device)
-            logits.masked_fill_(keys > pos.unsqueeze(-1), float("-inf"))
+            logits.masked_fill_(key_range(src_len, device) > pos.unsqueeze(-1), float("-inf"))
         elif attn_mask is not None:
             m = _float_mask(attn_mask)
             assert m is not None
-            if m.dim() == 2:
-                rows = m.index_select(0, pos.reshape(-1)).view(nb, nh, r, -1)
+            if m.dim() == 2:  # the rows in head-major order, like the draws
+                rows = m.index_select(0, pos_h.reshape(-1)).view(nh, nb, r, -1).transpose(0, 1)
             else:  # [B*H, L, S]
                 m4 = m.view(bsz, n_heads, tgt_len, -1).index_select(0, bi).index_select(1, hi)
                 rows = m4.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, m4.shape[-1]))
@@ -362,6 +371,17 @@ class TorchMHAAdapter(AttentionAdapter):
                 kpm_f = F.pad(kpm_f, (0, extra))
             logits.add_(kpm_f[:, None, None, :])
         return logits, pos
+
+
+def _token_rows(x: Tensor) -> tuple[Tensor, int, int]:
+    """The kernel's query ``[L, B, E]`` as token rows ``[L * B, E]`` with the row steps of one item and one
+    position: ``row = item * item_step + position * pos_step``. A view when ``x`` is contiguous in either
+    order (sequence-first, or batch_first transposed back by the module), else a copy."""
+    length, bsz, e = x.shape
+    if x.is_contiguous():
+        return x.view(length * bsz, e), 1, bsz
+    t = x.transpose(0, 1)
+    return (t.view(bsz * length, e) if t.is_contiguous() else t.reshape(bsz * length, e)), length, 1
 
 
 # Ones of the key and value rows, by (length, dtype, device): never written, so one tensor serves every call.
