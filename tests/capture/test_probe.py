@@ -590,3 +590,75 @@ def test_selects_all_is_true_only_for_every_item_and_head_in_order() -> None:
     assert AttentionProbe(model, batch_size=3, heads=[0, 1, 2, 3])._selects_all(3, 4) == (True, True)
     assert AttentionProbe(model, batch_size=2, heads=[1, 0, 2, 3])._selects_all(3, 4) == (False, False)
     assert AttentionProbe(model, heads=2)._selects_all(3, 4) == (True, False)
+
+
+class _ValidAttention(nn.Module):
+    """Eager attention whose adapter records every row and marks odd query rows as not valid."""
+
+    def __init__(self, d: int = 8, h: int = 2) -> None:
+        super().__init__()
+        self.h, self.qkv, self.o = h, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.last: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(d // self.h)
+        self.last = logits.detach()
+        return self.o((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_rows_marked_not_valid_count_as_masked(monkeypatch: pytest.MonkeyPatch, joint: bool) -> None:
+    import thetascope.capture.probe as probe_module
+
+    class ValidAdapter(AttentionAdapter):
+        kind, route = "valid_rows", "softmax"
+
+        @classmethod
+        def matches(cls, module: nn.Module) -> bool:
+            return isinstance(module, _ValidAttention)
+
+        def __init__(self, module: nn.Module, name: str) -> None:
+            super().__init__(module, name)
+            self.n_heads, self.n_kv_heads, self.head_dim = 2, 2, 4
+
+        def projection_weights(self) -> ProjectionWeights:
+            wq, wk, wv = self.module.qkv.weight.detach().split(8)
+            return ProjectionWeights(wq, wk, wv, self.module.o.weight.detach(), 2, 2, 4)
+
+        def handle(
+            self, func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: Any
+        ) -> Any:
+            x = args[0]
+            if ctx.recording:
+                pos = ctx.sample_rows(x.shape[0], x.shape[1], x.shape[2], x.device)
+                rows = x.detach().gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+                ctx.record_logits(rows, pos, valid=pos % 2 == 0)
+            return func(*args, **kwargs)
+
+    if joint:
+        monkeypatch.setattr(probe_module, "_defers", lambda device: True)
+    register_adapter(ValidAdapter)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(_ValidAttention(), _ValidAttention(), _ValidAttention())
+        probe = AttentionProbe(model, rows_per_head=None)
+        with torch.no_grad(), probe.capture():
+            model(torch.randn(2, 7, 8))
+        for layer, rec in zip(model, probe.layers, strict=True):
+            assert rec.kind == "valid_rows"
+            assert rec.theta is not None
+            assert rec.entropy is not None
+            assert layer.last is not None
+            odd = torch.arange(7) % 2 == 1  # positions 1, 3, 5 of every item and head
+            assert int(rec.n_masked_rows) == 2 * 2 * 3
+            assert int(rec.n_nonfinite_rows) == 0
+            assert rec.theta.upper[..., odd].isnan().all()
+            assert rec.entropy[..., odd].isnan().all()
+            want = balanced_mass_factor(layer.last.softmax(-1).double(), validate=False)
+            torch.testing.assert_close(
+                rec.theta.upper[..., ~odd].double(), want.upper[..., ~odd], atol=1e-5, rtol=0
+            )
+    finally:
+        unregister_adapter(ValidAdapter)

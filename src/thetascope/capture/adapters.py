@@ -151,7 +151,9 @@ class CallContext(Protocol):
         """Store the sampled rows' logits ``[B', H', R, Lk]`` (scaled, masked with -inf, times ``inv_tau``).
 
         The probe computes probabilities, the theta bracket, entropy and the counts of fully masked /
-        non-finite rows. ``valid`` ``[B', H', R]`` (optional) marks rows to keep; others become NaN.
+        non-finite rows. ``valid`` ``[B', H', R]`` (optional) marks rows to keep; others become NaN. On an
+        accelerator the probe keeps ``logits`` until the rows of the other layers join them (at the end of the
+        forward at the latest): pass a tensor that nothing writes to afterwards.
         """
         ...
 

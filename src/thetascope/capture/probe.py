@@ -57,12 +57,20 @@ class _PendingRows(NamedTuple):
     """One kernel call's sampled rows, recorded but not yet measured (see ``AttentionProbe._record``)."""
 
     ctx: _LayerContext
-    probs: Tensor  # [..., S] float32 softmax rows
-    bad: Tensor  # [...] masked or non-finite rows
-    row_max: Tensor  # [...]
+    logits: Tensor  # [..., S] float32 logits of the sampled rows
+    valid: Tensor | None  # [...] rows to keep (others count as masked), or None: all
+    pos: Tensor
+
+
+class _RowValues(NamedTuple):
+    """The per-row values of one kernel call's rows (NaN on masked and non-finite rows) and their counts."""
+
+    lower: Tensor
+    upper: Tensor
+    entropy: Tensor
+    max_logit: Tensor
     n_masked: Tensor
     n_nonfinite: Tensor
-    pos: Tensor
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -466,58 +474,39 @@ class AttentionProbe:
 
     # ---------------------------------------------------------------------------------------------- recording
     def _record(self, ctx: _LayerContext, logits: Tensor, pos: Tensor, valid: Tensor | None) -> None:
-        # On accelerators the rows wait for those of the other layers (bracketed together in _settle): that
-        # saves the bracket's launches of all but one layer in each block. On CPU they are measured at once.
+        # On accelerators the rows wait for those of the other layers (measured together in _settle): that
+        # saves the launches of all but one layer in each bracket block and in every row operation. On CPU
+        # they are measured at once.
         logits = logits.detach().float()
-        row_max, masked, nonfinite = classify_rows(logits)
-        if valid is not None:
-            masked = masked | ~valid.to(torch.bool)
-            nonfinite = nonfinite & valid.to(torch.bool)
-        # bad rows come out of softmax as NaN (or anything); every value of theirs is replaced by NaN later
-        probs = torch.softmax(logits, dim=-1)
-        item = _PendingRows(ctx, probs, masked | nonfinite, row_max, masked.sum(), nonfinite.sum(), pos)
-        if self._pending and self._pending_elements + probs.numel() > _PENDING_ELEMENTS:
+        if self._pending and self._pending_elements + logits.numel() > _PENDING_ELEMENTS:
             self._settle()  # before, not after: a settlement then fills at most one bracket block on a GPU
-        self._pending.append(item)
-        self._pending_elements += probs.numel()
-        if not _defers(probs.device):
+        self._pending.append(_PendingRows(ctx, logits, valid, pos))
+        self._pending_elements += logits.numel()
+        if not _defers(logits.device):
             self._settle()
 
     def _settle(self) -> None:
-        """Compute the brackets and entropies of the pending rows and store them in their layers, in order.
+        """Measure the pending rows (classification, softmax, bracket, entropy) and store them, in call order.
 
-        The rows of every pending kernel call of one row length and device are measured by one bracket call
-        (rows are independent: the values are those of one call per kernel call). A failure there is retried
+        The rows of every pending kernel call of one row length and device are measured together (rows are
+        independent: the values are those of one measurement per kernel call). A failure there is retried
         call by call, so it disables only the layer whose rows fail.
         """
-        from thetascope.functional.theta import attention_entropy, balanced_mass_factor
-
         items, self._pending, self._pending_elements = self._pending, [], 0
-        measured: dict[int, tuple[ThetaBounds, Tensor] | Exception] = {}
-
-        def measure(probs: Tensor) -> tuple[ThetaBounds, Tensor]:
-            theta = balanced_mass_factor(probs, exact_top=self.exact_top, validate=False)
-            return theta, attention_entropy(probs)
-
+        measured: dict[int, _RowValues | Exception] = {}
         groups: dict[tuple[torch.device, int], list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault((item.probs.device, item.probs.shape[-1]), []).append(i)
-        for (_, n_keys), members in groups.items():
+            groups.setdefault((item.logits.device, item.logits.shape[-1]), []).append(i)
+        for members in groups.values():
             if len(members) > 1:
                 try:
-                    flat = torch.cat([items[i].probs.reshape(-1, n_keys) for i in members])
-                    theta, entropy = measure(flat)
-                    sizes = [items[i].probs[..., 0].numel() for i in members]
-                    parts = zip(theta.lower.split(sizes), theta.upper.split(sizes), entropy.split(sizes))
-                    for i, (lower, upper, ent) in zip(members, parts):
-                        shape = items[i].probs.shape[:-1]
-                        measured[i] = (ThetaBounds(lower.view(shape), upper.view(shape)), ent.view(shape))
+                    measured.update(zip(members, self._measure_rows([items[i] for i in members])))
                     continue
                 except Exception:
                     pass  # measured call by call below, so the failure is charged to its layer
             for i in members:
                 try:
-                    measured[i] = measure(items[i].probs)
+                    measured[i] = self._measure_rows([items[i]])[0]
                 except Exception as err:
                     measured[i] = err
         for i, item in enumerate(items):
@@ -527,18 +516,52 @@ class AttentionProbe:
             try:
                 if isinstance(result, Exception):
                     raise result
-                self._store(item, *result)
+                self._store(item, result)
             except Exception as err:
                 self._fail_layer(item.ctx, err)
 
-    def _store(self, item: _PendingRows, theta: ThetaBounds, entropy: Tensor) -> None:
-        ctx, bad, pos = item.ctx, item.bad, item.pos
-        device = item.probs.device
+    def _measure_rows(self, items: list[_PendingRows]) -> list[_RowValues]:
+        """The values of the rows of ``items`` (one row length, one device), each op run once for all."""
+        from thetascope.functional.theta import attention_entropy, balanced_mass_factor
+
+        n_keys = items[0].logits.shape[-1]
+        shapes = [item.logits.shape[:-1] for item in items]
+        sizes = [math.prod(shape) for shape in shapes]
+        if len(items) == 1:
+            flat = items[0].logits.reshape(-1, n_keys)
+        else:
+            flat = torch.cat([item.logits.reshape(-1, n_keys) for item in items])  # [N, S]
+        row_max, masked, nonfinite = classify_rows(flat)
+        for item, m, nf in zip(items, masked.split(sizes), nonfinite.split(sizes)):
+            if item.valid is not None:  # in place on this call's part of the joint masks
+                keep = item.valid.to(torch.bool).reshape(-1)
+                m.logical_or_(~keep)
+                nf.logical_and_(keep)
+        # bad rows come out of softmax as NaN (or anything); every value of theirs is replaced by NaN below
+        probs = torch.softmax(flat, dim=-1)
+        theta = balanced_mass_factor(probs, exact_top=self.exact_top, validate=False)
+        entropy = attention_entropy(probs)
+        rows = torch.stack([theta.lower, theta.upper, entropy, row_max.to(theta.lower.dtype)])  # [4, N]
+        rows = torch.where(masked | nonfinite, float("nan"), rows)
+        if len(set(sizes)) == 1:  # the usual case: every call the same shape, one sum for all
+            counts = torch.stack([masked, nonfinite]).view(2, len(items), sizes[0]).sum(dim=-1)  # [2, K]
+            n_masked, n_nonfinite = list(counts[0].unbind()), list(counts[1].unbind())
+        else:
+            n_masked = [m.sum() for m in masked.split(sizes)]
+            n_nonfinite = [nf.sum() for nf in nonfinite.split(sizes)]
+        out = []
+        for k, (shape, part) in enumerate(zip(shapes, rows.split(sizes, dim=1))):
+            lower, upper, ent, max_logit = (t.view(shape) for t in part.unbind(0))
+            out.append(_RowValues(lower, upper, ent, max_logit, n_masked[k], n_nonfinite[k]))
+        return out
+
+    def _store(self, item: _PendingRows, values: _RowValues) -> None:
+        ctx, pos = item.ctx, item.pos
+        device = item.logits.device
         rec = ctx.layer
-        # every per-row value of a bad row becomes NaN; max_logit is row_max_logit, from the same reduction
-        rows = torch.stack([theta.lower, theta.upper, entropy, item.row_max.to(theta.lower.dtype)])
-        lower, upper, entropy, max_logit = torch.where(bad, float("nan"), rows).unbind(0)
-        n_masked, n_nonfinite = item.n_masked, item.n_nonfinite
+        # every per-row value of a bad row is NaN; max_logit is row_max_logit, from the same reduction
+        lower, upper, entropy, max_logit = values.lower, values.upper, values.entropy, values.max_logit
+        n_masked, n_nonfinite = values.n_masked, values.n_nonfinite
         if ctx.recorded_in == self._n_captures and rec.theta is not None:
             # A further kernel call of this module in the same capture: its rows join the earlier ones.
             assert rec.entropy is not None
