@@ -15,7 +15,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Operations that launch no kernel: allocations and the like (views are recognised by their schema;
 # ``_unsafe_view``, matmul's reshape of its own fresh result, is a view that its schema does not declare).
 _FREE = frozenset(
-    {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense", "detach", "_unsafe_view"}
+    {
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "new_empty",
+        "lift_fresh",
+        "_local_scalar_dense",
+        "detach",
+        "_unsafe_view",
+    }
 )
 
 

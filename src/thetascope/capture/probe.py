@@ -57,9 +57,10 @@ class _PendingRows(NamedTuple):
     """One kernel call's sampled rows, recorded but not yet measured (see ``AttentionProbe._record``)."""
 
     ctx: _LayerContext
-    logits: Tensor  # [..., S] float32 logits of the sampled rows
+    logits: Tensor  # [..., S] float32 logits of the sampled rows, contiguous where possible (see swapped)
     valid: Tensor | None  # [...] rows to keep (others count as masked), or None: all
     pos: Tensor
+    swapped: bool  # logits (and valid) hold the call's rows with dims 0 and 1 swapped (head-major)
 
 
 class _RowValues(NamedTuple):
@@ -478,9 +479,15 @@ class AttentionProbe:
         # saves the launches of all but one layer in each bracket block and in every row operation. On CPU
         # they are measured at once.
         logits = logits.detach().float()
+        # Adapters may hand rows laid out head-major ([H', B'] in memory): measured in that order, they need
+        # no copy; the values are swapped back in _measure_rows.
+        swapped = logits.dim() >= 3 and not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous()
+        if swapped:
+            logits = logits.transpose(0, 1)
+            valid = valid.transpose(0, 1) if valid is not None else None
         if self._pending and self._pending_elements + logits.numel() > _PENDING_ELEMENTS:
             self._settle()  # before, not after: a settlement then fills at most one bracket block on a GPU
-        self._pending.append(_PendingRows(ctx, logits, valid, pos))
+        self._pending.append(_PendingRows(ctx, logits, valid, pos, swapped))
         self._pending_elements += logits.numel()
         if not _defers(logits.device):
             self._settle()
@@ -550,8 +557,11 @@ class AttentionProbe:
             n_masked = [m.sum() for m in masked.split(sizes)]
             n_nonfinite = [nf.sum() for nf in nonfinite.split(sizes)]
         out = []
-        for k, (shape, part) in enumerate(zip(shapes, rows.split(sizes, dim=1))):
-            lower, upper, ent, max_logit = (t.view(shape) for t in part.unbind(0))
+        for k, (item, part) in enumerate(zip(items, rows.split(sizes, dim=1))):
+            lower, upper, ent, max_logit = (
+                t.view(shapes[k]).transpose(0, 1) if item.swapped else t.view(shapes[k])
+                for t in part.unbind(0)
+            )
             out.append(_RowValues(lower, upper, ent, max_logit, n_masked[k], n_nonfinite[k]))
         return out
 

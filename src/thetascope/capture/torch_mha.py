@@ -319,30 +319,39 @@ class TorchMHAAdapter(AttentionAdapter):
         else:
             b_qh = take(b_q.view(n_heads, dh), 0, hi, all_h).unsqueeze(1)  # [H', 1, d_h]
             q = torch.baddbmm(b_qh, q_rows, w_qh, beta=scale, alpha=scale)
-        q = q.view(nh, nb, r, dh).transpose(0, 1)  # [B', H', R, d_h]
+        # [H', B' R, d_h]: head-major, like the keys below
 
-        # keys, per head: [B', H', S, d_h]
+        # keys of the measured heads, head-major: [H', B', S, d_h]
         static_k: Tensor | None = b["static_k"]
         if static_k is not None:
             k = static_k.detach().float().view(bsz, n_heads, -1, dh).index_select(0, bi).index_select(1, hi)
+            k = k.transpose(0, 1)
         else:
-            # project only the measured heads' key rows
+            # only the measured heads' key rows, one (b)addbmm that every head reads the same rows in (an
+            # expanded view, not a copy): head-major output, so the product below needs no reordering copy
             k_in = take(key.transpose(0, 1), 0, bi, all_b).float()  # [B', S, E_k]
-            w_kh = take(w_k.float().view(n_heads, dh, -1), 0, hi, all_h).reshape(nh * dh, -1)
-            b_kh = take(b_k.view(n_heads, dh), 0, hi, all_h).reshape(-1) if b_k is not None else None
-            k = F.linear(k_in, w_kh, b_kh).view(nb, -1, nh, dh).transpose(1, 2)  # [B', H', S, d_h]
+            s_len, e_k = k_in.shape[1], k_in.shape[2]
+            k_rows = k_in.reshape(1, nb * s_len, e_k).expand(nh, -1, -1)
+            w_kh = take(w_k.float().view(n_heads, dh, -1), 0, hi, all_h).transpose(1, 2)  # [H', E_k, d_h]
+            if b_k is None:
+                k = torch.bmm(k_rows, w_kh)
+            else:
+                k = torch.baddbmm(take(b_k.view(n_heads, dh), 0, hi, all_h).unsqueeze(1), k_rows, w_kh)
+            k = k.view(nh, nb, s_len, dh)
         extra = 0
         if b["bias_k"] is not None:
             bk = b["bias_k"].detach().float().reshape(n_heads, dh).index_select(0, hi)
-            k = torch.cat([k, bk[None, :, None, :].expand(nb, -1, 1, -1)], dim=2)
+            k = torch.cat([k, bk[:, None, None, :].expand(-1, nb, 1, -1)], dim=2)
             extra += 1
         if b["add_zero_attn"]:
-            k = torch.cat([k, k.new_zeros(nb, nh, 1, dh)], dim=2)
+            k = torch.cat([k, k.new_zeros(nh, nb, 1, dh)], dim=2)
             extra += 1
         src_len = k.shape[2]
 
-        # the kernel scales q before the product (need_weights path); the SDPA path scales the same way
-        logits = torch.matmul(q, k.transpose(-1, -2))
+        # the kernel scales q before the product (need_weights path); the SDPA path scales the same way.
+        # [H' B', R, S] in memory, returned as the [B', H', R, S] view the probe expects.
+        logits = torch.bmm(q.view(nh * nb, r, dh), k.reshape(nh * nb, src_len, dh).transpose(1, 2))
+        logits = logits.view(nh, nb, r, src_len).transpose(0, 1)
 
         # masks, following F.multi_head_attention_forward's own logic
         need_weights = bool(b["need_weights"])
