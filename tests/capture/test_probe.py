@@ -608,8 +608,11 @@ class _ValidAttention(nn.Module):
         return self.o((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))
 
 
+@pytest.mark.parametrize("head_major", [False, True])
 @pytest.mark.parametrize("joint", [False, True])
-def test_rows_marked_not_valid_count_as_masked(monkeypatch: pytest.MonkeyPatch, joint: bool) -> None:
+def test_rows_marked_not_valid_count_as_masked(
+    monkeypatch: pytest.MonkeyPatch, joint: bool, head_major: bool
+) -> None:
     import thetascope.capture.probe as probe_module
 
     class ValidAdapter(AttentionAdapter):
@@ -634,7 +637,11 @@ def test_rows_marked_not_valid_count_as_masked(monkeypatch: pytest.MonkeyPatch, 
             if ctx.recording:
                 pos = ctx.sample_rows(x.shape[0], x.shape[1], x.shape[2], x.device)
                 rows = x.detach().gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
-                ctx.record_logits(rows, pos, valid=pos % 2 == 0)
+                valid = pos % 2 == 0
+                if head_major:  # the same values, laid out [H', B', ...] in memory (measured without a copy)
+                    rows = rows.transpose(0, 1).contiguous().transpose(0, 1)
+                    valid = valid.transpose(0, 1).contiguous().transpose(0, 1)
+                ctx.record_logits(rows, pos, valid=valid)
             return func(*args, **kwargs)
 
     if joint:
