@@ -65,6 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thetascope.functional._ranges import cached_arange
+
 if TYPE_CHECKING:
     from thetascope.capture.records import LayerRecord, ProjectionWeights
 
@@ -323,25 +325,6 @@ def _softmax_is_attention(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool
     return isinstance(dim, int) and dim in (-1, 3)
 
 
-# 0, 1, 2, ... by device, for causal masks: never written, so one tensor (grown as needed) serves every call.
-_KEY_RANGES: dict[torch.device, Tensor] = {}
-
-
-def key_range(n: int, device: torch.device | str) -> Tensor:
-    """``torch.arange(n, device=device)`` as a view of one cached range per device (read-only: shared).
-
-    Example:
-        >>> key_range(3, "cpu")
-        tensor([0, 1, 2])
-    """
-    device = torch.device(device)
-    t = _KEY_RANGES.get(device)
-    if t is None or t.numel() < n:
-        with torch.inference_mode(False):  # usable in training after a first call under inference mode
-            t = _KEY_RANGES[device] = torch.arange(max(n, 2 * (0 if t is None else t.numel())), device=device)
-    return t[:n]
-
-
 def take(x: Tensor, dim: int, index: Tensor, everything: bool = False) -> Tensor:
     """``x.index_select(dim, index)``, or ``x`` itself when ``index`` selects every entry in order
     (``everything``, e.g. from :meth:`CallContext.selects_all`: one copy less); a size-1 (broadcast) ``dim``
@@ -439,7 +422,7 @@ def sdpa_sampled_logits(
         else:
             logits.add_(mr)
     if is_causal:
-        logits.masked_fill_(key_range(k_len, q.device) > pos.unsqueeze(-1), float("-inf"))
+        logits.masked_fill_(cached_arange(k_len, q.device) > pos.unsqueeze(-1), float("-inf"))
     return logits, pos
 
 

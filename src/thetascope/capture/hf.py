@@ -28,13 +28,13 @@ from thetascope.capture.adapters import (
     AttentionAdapter,
     CallContext,
     gather_rows,
-    key_range,
     register_adapter,
     scaled_product,
     take,
 )
 from thetascope.capture.projections import ProjectionFinder
 from thetascope.capture.records import ProjectionWeights
+from thetascope.functional._ranges import cached_arange
 
 __all__ = ["HFAttentionAdapter", "interface_sampled_logits"]
 
@@ -239,7 +239,7 @@ def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallConte
         logits = logits + gather_rows(bias.detach()[..., :k_len], bi, hi, pos, everything).float()
     if ctx.apply_temperature:
         logits = logits * ctx.inv_tau_on(dev).float()
-    keys = key_range(k_len, dev)
+    keys = cached_arange(k_len, dev)
     flash = impl.startswith("flash")
     if isinstance(mask, Tensor) and not (flash and mask.dim() == 2):
         m = mask.detach()[..., :k_len]

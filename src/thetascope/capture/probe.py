@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from thetascope.capture import hf
 from thetascope.capture.adapters import AttentionAdapter, adapter_for
 from thetascope.capture.records import LayerRecord, classify_rows
+from thetascope.functional._ranges import cached_arange
 from thetascope.functional.theta import ThetaBounds
 
 __all__ = ["AttentionProbe"]
@@ -460,7 +461,7 @@ class AttentionProbe:
         nb = batch if self.batch_size is None else min(batch, self.batch_size)
         nh = heads if self.heads is None else len(self.heads)
         if self.rows_per_head is None or self.rows_per_head >= q_len:
-            return self._index(range(q_len), device).expand(nb, nh, q_len)
+            return cached_arange(q_len, device).expand(nb, nh, q_len)
         # One draw serves as many kernel calls as there are layers (one host-to-device copy for all of them on
         # an accelerator), head-major ([H', B', R] in memory), so the adapters' row indices need no copy. A
         # capture's draws depend only on the seed, the capture count and the order of the calls.

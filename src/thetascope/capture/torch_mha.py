@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thetascope.capture.adapters import AttentionAdapter, CallContext, key_range, register_adapter, take
+from thetascope.capture.adapters import AttentionAdapter, CallContext, register_adapter, take
 from thetascope.capture.records import ProjectionWeights
+from thetascope.functional._ranges import cached_arange
 
 __all__ = ["TorchMHAAdapter", "mha_fastpath_disabled"]
 
@@ -361,7 +362,7 @@ class TorchMHAAdapter(AttentionAdapter):
             raise RuntimeError("is_causal=True needs attn_mask (the kernel raises the same error)")
         if is_causal and kpm is None and not need_weights:
             # the kernel drops attn_mask and asks SDPA for its causal mask (top-left aligned)
-            logits.masked_fill_(key_range(src_len, device) > pos.unsqueeze(-1), float("-inf"))
+            logits.masked_fill_(cached_arange(src_len, device) > pos.unsqueeze(-1), float("-inf"))
         elif attn_mask is not None:
             m = _float_mask(attn_mask)
             assert m is not None

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from thetascope.functional._ranges import cached_arange
+
 __all__ = [
     "MAX_EXACT_TOP",
     "MAX_EXHAUSTIVE_LENGTH",
@@ -54,7 +56,6 @@ _DEVICE_BLOCK_ELEMENTS = 1 << 23
 
 _MASKS: dict[tuple[int, str, torch.dtype], Tensor] = {}
 _FLIPS: dict[tuple[int, str], Tensor] = {}
-_RANGES: dict[torch.device, Tensor] = {}
 # Up to this many subsets of the top entries, every one of them is searched against the tail's staircase;
 # beyond it only the best subset and those within two flipped items of it (see _near_best).
 _SEARCH_ALL = 64
@@ -201,18 +202,9 @@ def _argmin_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     value, g = x.view(n_rows, n_groups, width).amin(dim=-1).min(dim=-1)  # over [N, K / width]
     # that group of each row, as rows of the [N * K / width, width] view: index_select copies whole rows
     # (faster on CPU than a gather, 0.56x the time on 2048 x 512)
-    flat = torch.add(g, _row_range(n_rows, x.device), alpha=n_groups)
+    flat = torch.add(g, cached_arange(n_rows, x.device), alpha=n_groups)
     inner = x.view(n_rows * n_groups, width).index_select(0, flat).argmin(dim=-1)
     return value, torch.add(inner, g, alpha=width)
-
-
-def _row_range(n: int, device: torch.device) -> Tensor:
-    """``torch.arange(n, device=device)`` as a view of one cached range per device (read-only: shared)."""
-    t = _RANGES.get(device)
-    if t is None or t.numel() < n:
-        with torch.inference_mode(False):  # usable outside inference mode after a first call inside it
-            t = _RANGES[device] = torch.arange(max(n, 2 * (0 if t is None else t.numel())), device=device)
-    return t[:n]
 
 
 def _near_best(m: int, device: torch.device) -> Tensor:
