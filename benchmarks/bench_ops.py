@@ -25,7 +25,8 @@ has no generator). The gradient measurement is counted up to its one host copy, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,61 @@ from benchmarks.bench_callbacks import VOCAB, make_data, make_module
 DEPTHS = (6, 12)
 CAPTURE = "measured forward (capture), extra"
 MEASURE = "AttentionMonitor.measure"
+
+
+def _counted_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    attention: Any,
+    gradients: Any,
+    x: torch.Tensor,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    measure: bool,
+    reduce: bool = True,
+) -> dict[str, int]:
+    """One training step; the operations of its forward, of the per-step path and, when ``measure``, of the
+    measurement (``reduce=False``: without the reductions, which copy to the host)."""
+    with OpCounter() as fwd:
+        if measure:
+            with attention.capture():
+                out = model(x)
+        else:
+            out = model(x)
+    loss = loss_of(out)
+    loss.backward()
+    with OpCounter() as per_step:
+        gradients.observe_step(opt)
+        gradients.observe_loss(loss)
+    opt.step()
+    opt.zero_grad()
+    counts = {"forward": fwd.n, "per_step": per_step.n}
+    if measure:
+        with OpCounter() as m:
+            values = attention.measure()
+        if reduce:
+            with OpCounter() as r:
+                attention.reduce(values)
+            counts["reduce"] = r.n
+        with OpCounter() as g:
+            grads = gradients.measure(opt)
+            if reduce:
+                gradients.reduce(grads)
+        counts.update(measure=m.n, gradients=g.n)
+    return counts
+
+
+def _forward_backward(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+) -> int:
+    """The operations of one forward and backward (no optimizer step)."""
+    with OpCounter() as ops:
+        loss_of(model(x)).backward()
+    opt.zero_grad()
+    return ops.n
 
 
 def _counts(layers: int) -> dict[str, float]:
@@ -53,30 +109,9 @@ def _counts(layers: int) -> dict[str, float]:
         return F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
 
     def train(x: torch.Tensor, y: torch.Tensor, *, measure: bool = False) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        with OpCounter() as fwd:
-            if measure:
-                with attention.capture():
-                    out = model(x)
-            else:
-                out = model(x)
-        loss = loss_of(out, y)
-        loss.backward()
-        with OpCounter() as per_step:
-            gradients.observe_step(opt)
-            gradients.observe_loss(loss)
-        opt.step()
-        opt.zero_grad()
-        counts["forward"], counts["per_step"] = fwd.n, per_step.n
-        if measure:
-            with OpCounter() as m:
-                values = attention.measure()
-            with OpCounter() as r:
-                attention.reduce(values)
-            with OpCounter() as g:
-                gradients.reduce(gradients.measure(opt))
-            counts.update(measure=m.n, reduce=r.n, gradients=g.n)
-        return counts
+        return _counted_step(
+            model, opt, attention, gradients, x, lambda out: loss_of(out, y), measure=measure
+        )
 
     temperature.step(0)
     for i in range(30):  # warm: detector history, power-iteration vectors
@@ -86,10 +121,7 @@ def _counts(layers: int) -> dict[str, float]:
     measured = train(*data[51], measure=True)
 
     def step_ops(x: torch.Tensor, y: torch.Tensor) -> int:
-        with OpCounter() as ops:
-            loss_of(model(x), y).backward()
-        opt.zero_grad()
-        return ops.n
+        return _forward_backward(model, opt, x, lambda out: loss_of(out, y))
 
     hooked = step_ops(*data[52])
     temperature.remove()
@@ -110,18 +142,28 @@ def _counts(layers: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
+def _patched(*changes: tuple[object, str, object]) -> Iterator[None]:
+    """Set each ``(object, attribute, value)`` inside the block; the previous values come back on exit."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
+    for obj, name, value in changes:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            setattr(obj, name, old)
+
+
+@contextlib.contextmanager
 def accelerator_policy() -> Iterator[None]:
     """Count as on a GPU: the rows of all layers wait for one joint bracket, in blocks of 2**23 elements."""
     import thetascope.capture.probe as probe
     import thetascope.functional.theta as theta
 
-    defers, block = probe._defers, theta._BLOCK_ELEMENTS
-    probe._defers = lambda device: True  # type: ignore[assignment]
-    theta._BLOCK_ELEMENTS = theta._DEVICE_BLOCK_ELEMENTS
-    try:
+    with _patched(
+        (probe, "_defers", lambda device: True), (theta, "_BLOCK_ELEMENTS", theta._DEVICE_BLOCK_ELEMENTS)
+    ):
         yield
-    finally:
-        probe._defers, theta._BLOCK_ELEMENTS = defers, block  # type: ignore[assignment]
 
 
 #: (name, layers, width, heads, batch) of the GPT-2 shapes of ``benchmarks/gpu.py``, counted on meta.
@@ -143,15 +185,12 @@ def meta_as_cuda() -> Iterator[None]:
     ) -> torch.Tensor:
         return torch.randn(shape, dtype=dtype, device=device)
 
-    saved = (norms._wide_token_norms, spectral._random_block, spectral.SpectralNormEstimator._generator)
-    norms._wide_token_norms = wide  # type: ignore[assignment]
-    spectral._random_block = start_block  # type: ignore[assignment]
-    spectral.SpectralNormEstimator._generator = lambda self, device: None  # type: ignore[assignment,method-assign]
-    try:
+    with _patched(
+        (norms, "_wide_token_norms", wide),
+        (spectral, "_random_block", start_block),
+        (spectral.SpectralNormEstimator, "_generator", lambda self, device: None),
+    ):
         yield
-    finally:
-        norms._wide_token_norms, spectral._random_block = saved[0], saved[1]  # type: ignore[assignment]
-        spectral.SpectralNormEstimator._generator = saved[2]  # type: ignore[method-assign]
 
 
 def gpt2_counts(
@@ -171,42 +210,19 @@ def gpt2_counts(
         attention, gradients = AttentionMonitor(model, rows_per_head=64), GradientFlowCore(model)
         x = torch.zeros(batch, length, dtype=torch.long, device="meta")
 
-        def step(measure: bool) -> dict[str, int]:
-            with OpCounter() as fwd:
-                if measure:
-                    with attention.capture():
-                        out = model(x)
-                else:
-                    out = model(x)
-            loss = F.cross_entropy(out.reshape(-1, vocab).float(), x.reshape(-1))
-            loss.backward()
-            with OpCounter() as per_step:
-                gradients.observe_step(opt)
-                gradients.observe_loss(loss)
-            opt.step()
-            opt.zero_grad()
-            counts = {"forward": fwd.n, "per_step": per_step.n}
-            if measure:
-                with OpCounter() as m:
-                    attention.measure()
-                with OpCounter() as g:
-                    gradients.measure(opt)
-                counts.update(measure=m.n, gradients=g.n)
-            return counts
+        def loss_of(out: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out.reshape(-1, vocab).float(), x.reshape(-1))
 
-        def forward_backward() -> int:
-            with OpCounter() as ops:
-                F.cross_entropy(model(x).reshape(-1, vocab).float(), x.reshape(-1)).backward()
-            opt.zero_grad()
-            return ops.n
+        def step(measure: bool) -> dict[str, int]:
+            return _counted_step(model, opt, attention, gradients, x, loss_of, measure=measure, reduce=False)
 
         step(True)  # cold: power-iteration vectors, caches
         plain, measured = step(False), step(True)
         temperature = TemperatureController(model, TemperatureSchedule(2.0, 1.0, 10**6))
         temperature.step(0)
-        hooked = forward_backward()
+        hooked = _forward_backward(model, opt, x, loss_of)
         temperature.remove()
-        unhooked = forward_backward()
+        unhooked = _forward_backward(model, opt, x, loss_of)
     return {
         "per-step path": plain["per_step"],
         "temperature hook, forward + backward": hooked - unhooked,
