@@ -42,6 +42,8 @@ def make_module(
     from torch import nn
 
     class _EncoderLM(pl.LightningModule):
+        mask: torch.Tensor  # a registered buffer
+
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)

@@ -20,6 +20,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ import torch
 def _model(attn: str) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    # attn_implementation is taken by PretrainedConfig's **kwargs, which the GPT2Config stub does not declare
+    extra: dict[str, Any] = {"attn_implementation": attn}
     cfg = GPT2Config(
         n_layer=4,
         n_embd=128,
@@ -35,7 +38,7 @@ def _model(attn: str) -> torch.nn.Module:
         vocab_size=512,
         bos_token_id=0,
         eos_token_id=0,
-        attn_implementation=attn,
+        **extra,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,7 +8,7 @@ gives the operations per layer. Counted with the framework-free cores (what the 
 
 * ``training step``: forward, backward and a foreach AdamW step of the model alone, for scale;
 * ``per-step path``: ``GradientFlowCore.observe_step`` + ``observe_loss`` on an unmeasured step (mean over 20
-  steps, detector refreshes included);
+  steps past the spike detectors' warm-up, their refreshes included);
 * ``temperature hook``: the extra operations of one forward + backward at tau = 2 over one at tau = 1;
 * ``measured forward``: the extra operations of the captured forward (64 rows per head in every layer) over a
   plain one; then ``AttentionMonitor.measure``, its ``reduce`` and ``GradientFlowCore.measure`` + ``reduce``;
@@ -79,6 +79,29 @@ def _counted_step(
                 gradients.reduce(grads)
         counts.update(measure=m.n, gradients=g.n)
     return counts
+
+
+def _per_step_mean(
+    opt: torch.optim.Optimizer,
+    gradients: Any,
+    loss: Callable[[], torch.Tensor],
+    warm: int = 30,
+    n: int = 20,
+) -> float:
+    """Mean operations of ``observe_step`` + ``observe_loss`` over ``n`` calls after ``warm`` more, on the
+    gradients of one backward: past the detectors' ``min_history`` (20), refreshes included at their rate
+    (every 10th call), as on a long run's unmeasured steps."""
+    value = loss()
+    value.backward()
+    counts = []
+    for i in range(warm + n):
+        with OpCounter() as ops:
+            gradients.observe_step(opt)
+            gradients.observe_loss(value)
+        if i >= warm:
+            counts.append(ops.n)
+    opt.zero_grad()
+    return sum(counts) / len(counts)
 
 
 def _forward_backward(
@@ -218,13 +241,14 @@ def gpt2_counts(
 
         step(True)  # cold: power-iteration vectors, caches
         plain, measured = step(False), step(True)
+        per_step = _per_step_mean(opt, gradients, lambda: loss_of(model(x)))
         temperature = TemperatureController(model, TemperatureSchedule(2.0, 1.0, 10**6))
         temperature.step(0)
         hooked = _forward_backward(model, opt, x, loss_of)
         temperature.remove()
         unhooked = _forward_backward(model, opt, x, loss_of)
     return {
-        "per-step path": plain["per_step"],
+        "per-step path": per_step,
         "temperature hook, forward + backward": hooked - unhooked,
         CAPTURE: measured["forward"] - plain["forward"],
         MEASURE: measured["measure"],
@@ -261,7 +285,7 @@ def main(
         print("\ndemo GPT on the meta device, as on CUDA (bf16, L=1024, 64 rows per head): device operations")
         print(f"{'path':<50}" + "".join(f"{name:>14}" for name, *_ in shapes))
         for key in results[shapes[0][0]]:
-            print(f"{key:<50}" + "".join(f"{results[name][key]:>14.0f}" for name, *_ in shapes))
+            print(f"{key:<50}" + "".join(f"{results[name][key]:>14.1f}" for name, *_ in shapes))
     return results
 
 

@@ -161,6 +161,24 @@ def test_sdpa_causal_path(batch_first: bool) -> None:
     assert float(probe.layers[0].theta.upper[:, :, 0].abs().max()) == 0.0
 
 
+def test_sdpa_causal_path_ignores_nan_in_future_keys() -> None:
+    """A NaN token makes the rows that attend to it non-finite, not the earlier rows the causal mask hides it
+    from (torch's CPU kernel itself returns NaN on those too: it multiplies the masked NaN values by 0)."""
+    m = _mha(batch_first=True)
+    x = torch.randn(B, L, E)
+    x[1, 3] = float("nan")
+    mask = _causal_bool(L)
+    probe = AttentionProbe(m, rows_per_head=None)
+    with torch.no_grad(), probe.capture():
+        m(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+    rec = probe.layers[0]
+    theta = rec.theta.upper
+    assert theta[0].isfinite().all()
+    assert theta[1, :, :3].isfinite().all()
+    assert theta[1, :, 3:].isnan().all()
+    assert int(rec.n_nonfinite_rows) == H * (L - 3)
+
+
 def test_fully_masked_rows_are_counted() -> None:
     m = _mha(batch_first=True)
     x = torch.randn(2, L, E)

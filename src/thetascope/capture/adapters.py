@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thetascope.functional._ranges import cached_arange
+from thetascope.functional._ranges import cached_arange, mask_logits_
 
 if TYPE_CHECKING:
     from thetascope.capture.records import LayerRecord, ProjectionWeights
@@ -422,7 +422,7 @@ def sdpa_sampled_logits(
         else:
             logits.add_(mr)
     if is_causal:
-        logits.masked_fill_(cached_arange(k_len, q.device) > pos.unsqueeze(-1), float("-inf"))
+        mask_logits_(logits, cached_arange(k_len, q.device) > pos.unsqueeze(-1))
     return logits, pos
 
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from thetascope.capture.adapters import AttentionAdapter, CallContext, register_adapter, take
 from thetascope.capture.records import ProjectionWeights
-from thetascope.functional._ranges import cached_arange
+from thetascope.functional._ranges import cached_arange, mask_logits_
 
 __all__ = ["TorchMHAAdapter", "mha_fastpath_disabled"]
 
@@ -349,31 +349,43 @@ class TorchMHAAdapter(AttentionAdapter):
             extra += 1
         src_len = k.shape[2]
 
-        # the kernel scales q before the product (need_weights path); the SDPA path scales the same way.
-        # [H' B', R, S] in memory, returned as the [B', H', R, S] view the probe expects.
-        logits = torch.bmm(q.view(nh * nb, r, dh), k.reshape(nh * nb, src_len, dh).transpose(1, 2))
-        logits = logits.view(nh, nb, r, src_len).transpose(0, 1)
-
-        # masks, following F.multi_head_attention_forward's own logic
+        # masks, following F.multi_head_attention_forward's own logic. Rows of a 2-D mask are taken
+        # head-major like the product below: an additive one is the product's input (a baddbmm, as in the
+        # kernel's need_weights path), the causal one fills the product before it is viewed b-major. Only a
+        # 3-D mask is added to the strided [B', H', R, S] view.
         need_weights = bool(b["need_weights"])
         is_causal = bool(b["is_causal"])
         attn_mask = b["attn_mask"]
         if is_causal and attn_mask is None:
             raise RuntimeError("is_causal=True needs attn_mask (the kernel raises the same error)")
-        if is_causal and kpm is None and not need_weights:
-            # the kernel drops attn_mask and asks SDPA for its causal mask (top-left aligned)
-            logits.masked_fill_(cached_arange(src_len, device) > pos.unsqueeze(-1), float("-inf"))
-        elif attn_mask is not None:
+        flat_pos = pos_h.reshape(-1)
+        causal = is_causal and kpm is None and not need_weights  # the kernel drops attn_mask, SDPA masks
+        rows: Tensor | None = None
+        per_item: Tensor | None = None
+        if attn_mask is not None and not causal:
             m = _float_mask(attn_mask)
             assert m is not None
-            if m.dim() == 2:  # the rows in head-major order, like the draws
-                rows = m.index_select(0, pos_h.reshape(-1)).view(nh, nb, r, -1).transpose(0, 1)
+            if m.dim() == 2:
+                rows = m.index_select(0, flat_pos)  # [H' B' R, S - extra]
+                if extra:
+                    rows = F.pad(rows, (0, extra))
             else:  # [B*H, L, S]
                 m4 = m.view(bsz, n_heads, tgt_len, -1).index_select(0, bi).index_select(1, hi)
-                rows = m4.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, m4.shape[-1]))
-            if extra:
-                rows = F.pad(rows, (0, extra))
-            logits.add_(rows)
+                per_item = m4.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, m4.shape[-1]))
+                if extra:
+                    per_item = F.pad(per_item, (0, extra))
+
+        # the kernel scales q before the product (need_weights path); the SDPA path scales the same way.
+        # [H' B', R, S] in memory, returned as the [B', H', R, S] view the probe expects.
+        k_t = k.reshape(nh * nb, src_len, dh).transpose(1, 2)
+        q3 = q.view(nh * nb, r, dh)
+        logits = torch.bmm(q3, k_t) if rows is None else rows.view(nh * nb, r, src_len).baddbmm_(q3, k_t)
+        if causal:  # top-left aligned, as SDPA's is_causal
+            future = cached_arange(src_len, device) > flat_pos.unsqueeze(-1)  # [H' B' R, S]
+            mask_logits_(logits, future.view(nh * nb, r, src_len))
+        logits = logits.view(nh, nb, r, src_len).transpose(0, 1)
+        if per_item is not None:
+            logits.add_(per_item)
         kpm_f = _float_mask(kpm)
         if kpm_f is not None:
             kpm_f = kpm_f.index_select(0, bi)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from thetascope.functional._ranges import cached_arange
+from thetascope.functional._ranges import cached_arange, cached_scalar
 
 __all__ = [
     "MAX_EXACT_TOP",
@@ -277,8 +277,9 @@ def _bracket_block(rows: Tensor, raw: Tensor, total64: Tensor, m: int) -> tuple[
     )
     pmax64 = top64[:, 0]
     # The tail in index order; its prefix sums are a staircase 0 = c_0 <= ... <= c_L = T with steps at most
-    # the m-th largest entry.
-    tail = rows.scatter_(-1, idx, 0.0)
+    # the m-th largest entry. (The zeros are an expanded 0-dim tensor: on CPU half the time of scatter_'s
+    # scalar overload.)
+    tail = rows.scatter_(-1, idx, cached_scalar(0.0, work, rows.device).expand(idx.shape))
     cums = torch.cumsum(tail, dim=-1, out=_scratch(7, n_rows, n_keys, work, rows.device))
     tail_mass = cums[:, -1]
     half_t = 0.5 * tail_mass
