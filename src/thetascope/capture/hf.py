@@ -34,7 +34,7 @@ from thetascope.capture.adapters import (
 )
 from thetascope.capture.projections import ProjectionFinder
 from thetascope.capture.records import ProjectionWeights
-from thetascope.functional._ranges import cached_arange
+from thetascope.functional._ranges import cached_arange, mask_logits_
 
 __all__ = ["HFAttentionAdapter", "interface_sampled_logits"]
 
@@ -239,6 +239,7 @@ def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallConte
         logits = logits + gather_rows(bias.detach()[..., :k_len], bi, hi, pos, everything).float()
     if ctx.apply_temperature:
         logits = logits * ctx.inv_tau_on(dev).float()
+    # logits is ours from here on (fresh from the product and the ops above): masks apply in place
     keys = cached_arange(k_len, dev)
     flash = impl.startswith("flash")
     if isinstance(mask, Tensor) and not (flash and mask.dim() == 2):
@@ -249,32 +250,32 @@ def interface_sampled_logits(impl: str, bound: Mapping[str, Any], ctx: CallConte
             m = m.expand(m.shape[0], m.shape[1], q_len, k_len)
         mr = gather_rows(m, bi, hi, pos)
         if mr.dtype == torch.bool:
-            logits = logits.masked_fill(~mr, float("-inf"))
+            mask_logits_(logits, ~mr)
         else:
-            logits = logits + mr.float()
+            logits.add_(mr)
             if m.dtype.is_floating_point:
-                logits = logits.masked_fill(mr <= torch.finfo(m.dtype).min / 2, float("-inf"))
+                mask_logits_(logits, mr <= torch.finfo(m.dtype).min / 2)
     elif mask is not None and hasattr(mask, "mask_mod"):  # flex BlockMask
-        logits = logits.masked_fill(~_block_mask_allowed(mask, bi, hi, pos, k_len), float("-inf"))
+        mask_logits_(logits, ~_block_mask_allowed(mask, bi, hi, pos, k_len))
     elif impl == "sdpa" and mask is None:
         is_causal = bound.get("is_causal")
         module = bound.get("module")
         causal = q_len > 1 and (getattr(module, "is_causal", True) if is_causal is None else bool(is_causal))
         if causal:
-            logits = logits.masked_fill(keys > pos.unsqueeze(-1), float("-inf"))
+            mask_logits_(logits, keys > pos.unsqueeze(-1))
     elif flash:
         module = bound.get("module")
         is_causal = bound.get("is_causal")
         causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
         offset = k_len - q_len  # flash kernels align the causal mask bottom-right
         if causal and q_len > 1:
-            logits = logits.masked_fill(keys > pos.unsqueeze(-1) + offset, float("-inf"))
+            mask_logits_(logits, keys > pos.unsqueeze(-1) + offset)
         window = bound.get("sliding_window")
         if window is not None:
-            logits = logits.masked_fill(keys <= pos.unsqueeze(-1) + offset - int(window), float("-inf"))
+            mask_logits_(logits, keys <= pos.unsqueeze(-1) + offset - int(window))
         if isinstance(mask, Tensor):  # [B, Lk] padding mask, 1 = keep
             keep = mask.detach().index_select(0, bi)[:, -k_len:].to(torch.bool)
-            logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+            mask_logits_(logits, ~keep[:, None, None, :])
     return logits, pos
 
 
