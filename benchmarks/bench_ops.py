@@ -50,8 +50,9 @@ def _counted_step(
     measure: bool,
     reduce: bool = True,
 ) -> dict[str, int]:
-    """One training step; the operations of its forward, of the per-step path and, when ``measure``, of the
-    measurement (``reduce=False``: without the reductions, which copy to the host)."""
+    """One training step; the operations of its forward and, when ``measure``, of the measurement
+    (``reduce=False``: without the reductions, which copy to the host). The per-step path runs uncounted (see
+    :func:`_per_step_mean`)."""
     with OpCounter() as fwd:
         if measure:
             with attention.capture():
@@ -60,12 +61,11 @@ def _counted_step(
             out = model(x)
     loss = loss_of(out)
     loss.backward()
-    with OpCounter() as per_step:
-        gradients.observe_step(opt)
-        gradients.observe_loss(loss)
+    gradients.observe_step(opt)
+    gradients.observe_loss(loss)
     opt.step()
     opt.zero_grad()
-    counts = {"forward": fwd.n, "per_step": per_step.n}
+    counts = {"forward": fwd.n}
     if measure:
         with OpCounter() as m:
             values = attention.measure()
@@ -139,7 +139,7 @@ def _counts(layers: int) -> dict[str, float]:
     temperature.step(0)
     for i in range(30):  # warm: detector history, power-iteration vectors
         train(*data[i], measure=i % 10 == 0)
-    per_step = [train(*data[i])["per_step"] for i in range(30, 50)]
+    per_step = _per_step_mean(opt, gradients, lambda: loss_of(model(data[30][0]), data[30][1]))
     plain = train(*data[50])
     measured = train(*data[51], measure=True)
 
@@ -155,7 +155,7 @@ def _counts(layers: int) -> dict[str, float]:
     opt.zero_grad()
     return {
         "training step without callbacks (fwd, bwd, AdamW)": whole.n,
-        "per-step path (grad norm + 2 detector pushes)": sum(per_step) / len(per_step),
+        "per-step path (grad norm + 2 detector pushes)": per_step,
         "temperature hook, forward + backward": hooked - unhooked,
         CAPTURE: measured["forward"] - plain["forward"],
         MEASURE: measured["measure"],

@@ -48,8 +48,8 @@ def cached_scalar(value: float, dtype: torch.dtype, device: torch.device | str) 
 
 
 def mask_logits_(logits: Tensor, masked: Tensor) -> Tensor:
-    """``logits.masked_fill_(masked, -inf)`` for a ``masked`` of the same shape, as one ``torch.where`` into
-    ``logits`` (on CPU about two thirds of the time of ``masked_fill_``).
+    """``logits.masked_fill_(masked, -inf)`` as one ``torch.where`` into ``logits`` (on CPU about two thirds
+    of the time of ``masked_fill_``); ``masked`` broadcasts to the shape of ``logits``.
 
     Example:
         >>> mask_logits_(torch.zeros(2), torch.tensor([False, True]))
