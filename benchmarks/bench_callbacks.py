@@ -2,16 +2,21 @@
 
 Model: a 6-layer pre-LN ``nn.TransformerEncoder`` language model (d=128, 4 heads, causal mask, byte
 vocabulary), batch 8, L=128, AdamW, trained for 200 steps on 2 threads. Configurations, each a fresh fit of
-the same model, data and seed, interleaved round by round so slow drifts of a shared machine hit all alike:
+the same model, data and seed in a worker process of its own; the workers take turns step by step (one runs
+at a time), so drifts of a shared machine hit all configurations alike, step by step:
 
 * ``none``: no callbacks;
 * ``all``: AttentionSensitivityMonitor and GradientFlowMonitor at ``every_n_steps=50`` and a TemperatureWarmup
   from 4 to 1 over the first 100 steps (steps 0, 50, 100, 150 are measured);
-* ``temperature``: only the TemperatureWarmup, over all 200 steps, so its hook is active on every step.
+* ``temperature``: only the TemperatureWarmup, over all 200 steps, so its hook is active on every step;
+* ``control``: no callbacks again, in a worker of its own: its ratios to ``none`` are the noise floor.
 
-Printed (medians over the rounds of per-round paired ratios against ``none`` of the same round): the total
-training time, the median unmeasured step, the temperature hook's step, and one measurement (the extra time of
-a measured step, steps 50/100/150; step 0 also holds the cold power iteration) as a multiple of a median step.
+Printed, as medians over the rounds of one value per round: the total training time over that of ``none``;
+the median over steps of the ratio of a step to the same step of ``none`` (paired step by step) for the
+unmeasured steps (also after the warmup alone, where no hook is installed) and for the temperature hook's
+steps; one measurement, the median over the measured steps 50/100/150 (step 0 also holds the cold power
+iteration) of that ratio less the unmeasured steps' one, i.e. the extra time in steps of ``none``; and the
+control's ratios.
 All of it twice: on the wall clock and on the process's CPU time, which other load on a shared machine
 disturbs less. ``BENCH_STEPS``/``BENCH_ROUNDS`` in the environment shorten the run.
 """
@@ -19,11 +24,12 @@ disturbs less. ``BENCH_STEPS``/``BENCH_ROUNDS`` in the environment shorten the r
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from benchmarks._timing import Run, median, quiet, steps_where, timed_fit
+from benchmarks._timing import Run, lockstep_fits, median, quiet, step_ratios, steps_where, timed_fit
 
 STEPS = 200
 EVERY = 50
@@ -85,7 +91,7 @@ def make_data(steps: int, *, batch: int = BATCH, length: int = LENGTH, vocab: in
 def callbacks_for(config: str, steps: int, every: int = EVERY, warmup: int = WARMUP) -> list[Any]:
     from thetascope.callbacks import AttentionSensitivityMonitor, GradientFlowMonitor, TemperatureWarmup
 
-    if config == "none":
+    if config in ("none", "control"):
         return []
     if config == "temperature":
         return [TemperatureWarmup(tau_start=4.0, tau_end=1.0, warmup_steps=10 * steps, log=False)]
@@ -98,16 +104,25 @@ def callbacks_for(config: str, steps: int, every: int = EVERY, warmup: int = WAR
     raise ValueError(f"unknown config {config!r}")
 
 
+class _Job:
+    """One worker's fits for :func:`~benchmarks._timing.lockstep_fits` (module level, so it pickles)."""
+
+    def __init__(self, steps: int, every: int, warmup: int) -> None:
+        self.steps, self.every, self.warmup = steps, every, warmup
+
+    def __call__(self, config: str, round_index: int) -> tuple[Any, Any, list[Any]]:
+        return make_module, make_data(self.steps), callbacks_for(config, self.steps, self.every, self.warmup)
+
+    def warm(self, config: str) -> None:
+        # first-call costs (lazy imports, first captures, allocations) of every callback, in every worker
+        timed_fit(make_module, make_data(6), callbacks_for("all", 6, every=5, warmup=3), 6)
+
+
 def run_rounds(
-    configs: tuple[str, ...], steps: int, rounds: int, every: int, warmup: int
+    configs: tuple[str, ...], steps: int, rounds: int, every: int, warmup: int, threads: int = THREADS
 ) -> dict[str, list[Run]]:
-    data = make_data(steps)
-    timed_fit(make_module, make_data(6), callbacks_for("all", 6, every=5, warmup=3), 6)  # first-call costs
-    runs: dict[str, list[Run]] = {c: [] for c in configs}
-    for _ in range(rounds):
-        for c in configs:
-            runs[c].append(timed_fit(make_module, data, callbacks_for(c, steps, every, warmup), steps))
-    return runs
+    """``rounds`` fits of each configuration, one worker process each, taking turns step by step."""
+    return lockstep_fits(_Job(steps, every, warmup), configs, steps, rounds, threads=threads)
 
 
 def main(
@@ -121,38 +136,49 @@ def main(
 def _main(steps: int | None, rounds: int | None, every: int, warmup: int) -> dict[str, float]:
     steps = steps or int(os.environ.get("BENCH_STEPS", STEPS))
     rounds = rounds or int(os.environ.get("BENCH_ROUNDS", ROUNDS))
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", THREADS)))
-    configs = ("none", "all", "temperature")
+    threads = int(os.environ.get("BENCH_THREADS", THREADS))
+    configs = ("none", "all", "temperature", "control")
     print(
-        f"CPU ({torch.get_num_threads()} threads); TransformerEncoder LM {LAYERS}x{D}, {HEADS} heads, "
-        f"pre-LN, B={BATCH}, L={LENGTH}; {steps} steps, every_n_steps={every}, warmup {warmup}; {rounds} "
-        "rounds, interleaved"
+        f"CPU ({threads} threads); TransformerEncoder LM {LAYERS}x{D}, {HEADS} heads, pre-LN, B={BATCH}, "
+        f"L={LENGTH}; {steps} steps, every_n_steps={every}, warmup {warmup}; {rounds} rounds, one process "
+        "per configuration, in lockstep"
     )
-    runs = run_rounds(configs, steps, rounds, every, warmup)
+    runs = run_rounds(configs, steps, rounds, every, warmup, threads)
     measured = {s for s in range(steps) if s % every == 0}
     later = {s for s in measured if s > 0}
     result: dict[str, float] = {}
     for clock, cpu in (("wall", False), ("cpu", True)):
 
-        def unmeasured(r: Run, cpu: bool = cpu) -> float:
-            return median(steps_where(r, lambda s: s >= 3 and s not in measured, cpu=cpu))
+        def paired(r: Run, base: Run, keep: Callable[[int], bool], cpu: bool = cpu) -> float:
+            return median(step_ratios(r, base, keep, cpu=cpu))
 
-        total, un, temp, meas = [], [], [], []
-        for base, full, hook in zip(runs["none"], runs["all"], runs["temperature"]):
-            base_step = unmeasured(base)
-            base_times, full_times = (base.cpu_times, full.cpu_times) if cpu else (base.times, full.times)
-            total.append(sum(full_times) / sum(base_times))
-            un.append(unmeasured(full) / base_step)
-            temp.append(unmeasured(hook) / base_step)
-            # a measured step's extra time over the same run's median unmeasured step
-            extra = [t - unmeasured(full) for t in steps_where(full, lambda s: s in later, cpu=cpu)]
-            meas.append(median(extra) / base_step)
-        step_ms = 1e3 * median([unmeasured(r) for r in runs["none"]])
+        def plain(s: int) -> bool:
+            return s >= 3 and s not in measured
+
+        def after_warmup(s: int) -> bool:
+            return s >= warmup and plain(s)
+
+        total, un, late, temp, meas, ctl_total, ctl_un = [], [], [], [], [], [], []
+        for base, full, hook, ctl in zip(runs["none"], runs["all"], runs["temperature"], runs["control"]):
+            base_total = sum(base.cpu_times if cpu else base.times)
+            total.append(sum(full.cpu_times if cpu else full.times) / base_total)
+            un.append(paired(full, base, plain))
+            late.append(paired(full, base, after_warmup))
+            temp.append(paired(hook, base, plain))
+            # a measured step's extra time, in steps of the run without callbacks at the same moment, beyond
+            # the unmeasured steps' own overhead
+            meas.append(median([r - un[-1] for r in step_ratios(full, base, lambda s: s in later, cpu=cpu)]))
+            ctl_total.append(sum(ctl.cpu_times if cpu else ctl.times) / base_total)
+            ctl_un.append(paired(ctl, base, plain))
+        step_ms = 1e3 * median([median(steps_where(r, plain, cpu=cpu)) for r in runs["none"]])
         rows = [
             ("all callbacks, whole run / none", "total_ratio", total),
             ("unmeasured step, all callbacks / none", "unmeasured_ratio", un),
+            ("  the same after the warmup (tau = 1)", "unmeasured_after_warmup_ratio", late),
             ("temperature hook active, step / none", "temperature_ratio", temp),
             ("one measurement (extra time), in training steps", "measurement_steps", meas),
+            ("noise floor: no callbacks again, whole run / none", "control_total_ratio", ctl_total),
+            ("noise floor: no callbacks again, step / none", "control_unmeasured_ratio", ctl_un),
         ]
         print(f"\n{clock} clock: median training step without callbacks {step_ms:.1f} ms")
         print(f"{'paired ratio (median over rounds)':<58}{'value':>8}   per round")

@@ -11,6 +11,7 @@ from torch import nn
 
 from tests.helpers.sync import SyncSpy
 from thetascope.functional.gradients import (
+    global_grad_norm,
     grad_norms_by_group,
     gradient_pathology,
     group_parameters_by_layer,
@@ -227,3 +228,33 @@ def test_real_pre_ln_and_post_ln_models() -> None:
     # post-LN: every path to early layers crosses LayerNorm Jacobians; the profile tilts towards the output
     assert float(post["early_late_ratio"]) < float(pre["early_late_ratio"])
     assert float(post["log_slope"]) > float(pre["log_slope"])
+
+
+def test_global_grad_norm_matches_numpy_and_skips_missing_gradients() -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.zeros(shape)) for shape in [(7, 5), (3,), (2, 2, 2), (4,)]]
+    for p in params[:3]:
+        p.grad = torch.randn(p.shape, generator=gen)
+    # params[3] has no gradient: it is left out, not counted as zero or NaN
+    expected = np.sqrt(
+        sum(float((p.grad.double().numpy() ** 2).sum()) for p in params[:3] if p.grad is not None)
+    )
+    got = global_grad_norm(params)
+    assert got is not None
+    assert got.dtype == torch.float32
+    assert got.shape == ()
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    assert global_grad_norm(params[3:]) is None
+
+
+def test_global_grad_norm_records_no_graph_of_gradients_that_require_grad() -> None:
+    # after backward(create_graph=True) the gradients are part of a graph; the monitor's norm must not be
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    (w**3).sum().backward(create_graph=True)
+    assert w.grad is not None
+    assert w.grad.requires_grad
+    got = global_grad_norm([w])
+    assert got is not None
+    assert not got.requires_grad
+    assert got.grad_fn is None
+    assert float(got) == pytest.approx(float(np.linalg.norm(3 * np.array([1.0, 4.0, 9.0]))), rel=1e-6)
