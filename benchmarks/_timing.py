@@ -267,7 +267,10 @@ def _lockstep_round(
         for w in workers:
             w.join(timeout=30 if not errors else 1)
             if w.is_alive():
-                w.terminate()
+                # SIGKILL: inside a fit, Lightning's own SIGTERM handler would keep the worker waiting for its
+                # turn (and this process, at exit, for the worker) until the turn timeout
+                w.kill()
+                w.join(timeout=5)
     if errors:
         raise RuntimeError("lockstep fits failed: " + "; ".join(errors))
     return [runs[i] for i in range(len(order))]
