@@ -33,6 +33,10 @@ class Run:
     peak_bytes: int
     starts: list[float] = field(default_factory=list)
 
+    def series(self, cpu: bool = False) -> list[float]:
+        """``cpu_times`` if ``cpu``, else ``times``."""
+        return self.cpu_times if cpu else self.times
+
 
 def quiet() -> contextlib.AbstractContextManager[None]:
     """Silence Lightning's banners (``lightning.pytorch``/``lightning.fabric`` below ERROR) and every warning
@@ -84,7 +88,6 @@ def timed_fit(
     starts: dict[int, tuple[float, float]] = {}
     times: list[float] = []
     cpu_times: list[float] = []
-    step_starts: list[float] = []
 
     class _Start(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -95,7 +98,6 @@ def timed_fit(
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
             _sync()
             wall, cpu = starts[trainer.global_step - 1]
-            step_starts.append(wall)
             times.append(time.perf_counter() - wall)
             cpu_times.append(time.process_time() - cpu)
             if after_step is not None:
@@ -117,7 +119,7 @@ def timed_fit(
     )
     trainer.fit(make_module(), data)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    return Run(times, cpu_times, peak, step_starts)
+    return Run(times, cpu_times, peak, [starts[s][0] for s in range(len(times))])
 
 
 def median(values: Sequence[float]) -> float:
@@ -130,13 +132,12 @@ def step_ratios(run: Run, base: Run, keep: Callable[[int], bool], *, cpu: bool =
     From runs in lockstep (:func:`lockstep_fits`) the two steps of a pair ran moments apart, so a drift of the
     machine cancels in each ratio.
     """
-    a, b = (run.cpu_times, base.cpu_times) if cpu else (run.times, base.times)
-    return [x / y for s, (x, y) in enumerate(zip(a, b)) if keep(s)]
+    return [x / y for s, (x, y) in enumerate(zip(run.series(cpu), base.series(cpu))) if keep(s)]
 
 
 def steps_where(run: Run, keep: Callable[[int], bool], *, cpu: bool = False) -> list[float]:
     """The step times (``cpu``: CPU times) of the steps ``s`` with ``keep(s)``."""
-    return [t for s, t in enumerate(run.cpu_times if cpu else run.times) if keep(s)]
+    return [t for s, t in enumerate(run.series(cpu)) if keep(s)]
 
 
 #: Seconds a lockstep worker waits for its turn before it gives up (another worker has failed).

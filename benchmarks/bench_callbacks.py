@@ -160,15 +160,15 @@ def _main(steps: int | None, rounds: int | None, every: int, warmup: int) -> dic
 
         total, un, late, temp, meas, ctl_total, ctl_un = [], [], [], [], [], [], []
         for base, full, hook, ctl in zip(runs["none"], runs["all"], runs["temperature"], runs["control"]):
-            base_total = sum(base.cpu_times if cpu else base.times)
-            total.append(sum(full.cpu_times if cpu else full.times) / base_total)
+            base_total = sum(base.series(cpu))
+            total.append(sum(full.series(cpu)) / base_total)
             un.append(paired(full, base, plain))
             late.append(paired(full, base, after_warmup))
             temp.append(paired(hook, base, plain))
             # a measured step's extra time, in steps of the run without callbacks at the same moment, beyond
             # the unmeasured steps' own overhead
             meas.append(median([r - un[-1] for r in step_ratios(full, base, lambda s: s in later, cpu=cpu)]))
-            ctl_total.append(sum(ctl.cpu_times if cpu else ctl.times) / base_total)
+            ctl_total.append(sum(ctl.series(cpu)) / base_total)
             ctl_un.append(paired(ctl, base, plain))
         step_ms = 1e3 * median([median(steps_where(r, plain, cpu=cpu)) for r in runs["none"]])
         rows = [
