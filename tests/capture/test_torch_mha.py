@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from tests.capture.conftest import mha_scaled_copy
 from thetascope.capture import AttentionProbe
+from thetascope.capture import probe as probe_module
 from thetascope.capture.torch_mha import TorchMHAAdapter, mha_fastpath_disabled
 from thetascope.functional.theta import balanced_mass_factor
 
@@ -234,6 +235,95 @@ def test_temperature_matches_scaled_query_projection(case: str) -> None:
     assert not probe.is_installed
     m2 = copy.deepcopy(m)
     assert torch.equal(m(*args, **kwargs)[0], m2(*args, **kwargs)[0])
+
+
+class _KernelModeCounter:
+    """Counts the probe's kernel modes entered (each forward the probe intercepts enters one)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        orig = probe_module._KernelMode.__enter__
+
+        def enter(mode: Any) -> Any:
+            self.n += 1
+            return orig(mode)
+
+        monkeypatch.setattr(probe_module._KernelMode, "__enter__", enter)
+
+
+@pytest.mark.parametrize("case", ["kpm_bool_seq_first", "cross_kdim", "bias_kv_zero_attn"])
+def test_unrecorded_temperature_is_the_intercepted_one_without_a_mode(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tau = 2.5
+    m, args, kwargs = _case(case)
+    m.train()
+    twin = copy.deepcopy(m)
+    probe, twin_probe = AttentionProbe(m), AttentionProbe(twin)
+    probe.set_temperature(tau)
+    twin_probe.set_temperature(tau)
+    try:
+        _check_shadow_against_interception(m, twin, twin_probe, args, kwargs, monkeypatch)
+    finally:  # hooks off: the MHA fast path (a process-wide setting) back on for the other tests
+        probe.set_temperature(1.0)
+        twin_probe.set_temperature(1.0)
+
+
+def _check_shadow_against_interception(
+    m: nn.MultiheadAttention,
+    twin: nn.MultiheadAttention,
+    twin_probe: AttentionProbe,
+    args: tuple[Tensor, ...],
+    kwargs: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    params = dict(m.named_parameters())
+    # the twin takes the interception route (what every forward took before the shadow)
+    monkeypatch.setattr(twin_probe._contexts[0].adapter, "enter_temperature", lambda ctx: None)
+    modes = _KernelModeCounter(monkeypatch)
+    out = m(*args, **kwargs)[0]
+    assert modes.n == 0
+    want = twin(*args, **kwargs)[0]
+    assert modes.n == 1
+    assert torch.equal(out, want)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for name, p in m.named_parameters():
+        twin_grad = dict(twin.named_parameters())[name].grad
+        assert p.grad is not None
+        assert twin_grad is not None
+        assert torch.equal(p.grad, twin_grad), name
+    # nothing of the shadow is left: the parameters are the registered ones, the state dict unchanged
+    shadowed = ("in_proj_weight", "q_proj_weight", "in_proj_bias")
+    assert not any(n in vars(m) for n in shadowed)
+    assert dict(m.named_parameters()) == params
+    assert all(getattr(m, n) is p for n, p in params.items() if "." not in n)
+    assert m.state_dict().keys() == twin.state_dict().keys()
+    # a forward that raises takes the shadow off too
+    with pytest.raises(Exception):  # noqa: B017 (any error of the kernel: a wrong embedding size)
+        m(args[0][..., :-1], args[1], args[2], **kwargs)
+    assert not any(n in vars(m) for n in shadowed)
+
+
+def test_mha_subclass_with_its_own_forward_keeps_the_interception(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Wrapped(nn.MultiheadAttention):
+        def forward(self, query: Tensor, *args: Any, **kwargs: Any) -> Any:
+            return super().forward(query, *args, **kwargs)
+
+    tau = 2.0
+    torch.manual_seed(0)
+    m = Wrapped(16, 4, batch_first=True)
+    ref = mha_scaled_copy(m, tau)
+    probe = AttentionProbe(m)
+    probe.set_temperature(tau)
+    modes = _KernelModeCounter(monkeypatch)
+    x = torch.randn(2, 5, 16)
+    try:
+        out = m(x, x, x, need_weights=False)[0]
+    finally:
+        probe.set_temperature(1.0)
+    assert modes.n == 1
+    torch.testing.assert_close(out, ref(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kdim", [None, 10])

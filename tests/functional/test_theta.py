@@ -356,6 +356,28 @@ def test_non_finite_rows_give_nan_only_there(validate: bool) -> None:
     assert torch.isnan(balanced_mass_greedy(p)[1]).item()
 
 
+@pytest.mark.parametrize("n_keys", [8, 128])
+def test_bad_rows_leave_the_other_rows_bitwise_alone(n_keys: int) -> None:
+    # Bad rows are not cleaned before the bracket: whatever they hold (NaN, +-inf, zeros, NaN bit patterns
+    # of either sign) must neither reach the good rows nor form an index out of range.
+    torch.manual_seed(3)
+    good = torch.softmax(3 * torch.randn(6, n_keys), dim=-1)
+    bad = torch.rand(6, n_keys)
+    bad[0, 1] = float("nan")
+    bad[1] = float("nan")
+    bad[2, 0] = float("inf")
+    bad[3] = 0.0
+    bad[4, :] = float("inf")
+    bad[5] = -torch.tensor(float("nan"))  # the sign bit set: a negative integer to topk's comparison
+    rows = torch.stack([good, bad], dim=1).reshape(12, n_keys)  # good and bad rows alternate
+    mixed = balanced_mass_factor(rows, validate=False)
+    alone = balanced_mass_factor(good, validate=False)
+    assert torch.equal(mixed.lower[0::2], alone.lower)
+    assert torch.equal(mixed.upper[0::2], alone.upper)
+    assert torch.isnan(mixed.lower[1::2]).all()
+    assert torch.isnan(mixed.upper[1::2]).all()
+
+
 def test_zero_row_without_validation_is_nan() -> None:
     p = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.25, 0.25]])
     b = balanced_mass_factor(p, validate=False)

@@ -219,6 +219,16 @@ class AttentionAdapter:
                 return val
         return None
 
+    def enter_temperature(self, ctx: CallContext) -> Callable[[], None] | None:
+        """Apply the temperature to one unrecorded forward of the module without watching its calls, or not.
+
+        The probe calls this before each forward that runs while tau != 1 outside ``capture()``. An adapter
+        that can put ``1/tau`` into what the module's forward reads returns the function that takes it out
+        again (the probe calls it after the forward, also when the forward raises). The default, ``None``,
+        makes the probe intercept the module's kernel call instead (:meth:`intercepts`, :meth:`handle`).
+        """
+        return None
+
     def intercepts(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether ``func(*args, **kwargs)`` (seen while this module runs) is its attention kernel."""
         if self.route == "sdpa":

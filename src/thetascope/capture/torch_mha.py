@@ -253,28 +253,44 @@ class TorchMHAAdapter(AttentionAdapter):
             ctx.record_logits(logits, pos)
         return out
 
+    def enter_temperature(self, ctx: CallContext) -> Callable[[], None] | None:
+        """Shadow the module's query projection (weight rows, bias) by a copy times ``1/tau`` for one forward.
+
+        ``nn.MultiheadAttention.forward`` reads its projections as attributes, and an instance attribute of
+        the same name comes before the registered parameter (``nn.Module.__getattr__`` is only asked when
+        the normal lookup fails). The kernel then gets exactly the arguments :meth:`handle` would give it,
+        autograd reaches the live parameters through the product, and no mode has to watch the forward.
+        Modules with a forward of their own (a subclass overriding it) keep the interception.
+        """
+        m = self.mha
+        names: tuple[str, ...] = ("in_proj_weight",) if m._qkv_same_embed_dim else ("q_proj_weight",)
+        if m.in_proj_bias is not None:
+            names += ("in_proj_bias",)
+        shadow = vars(m)
+        if type(m).forward is not nn.MultiheadAttention.forward or any(n in shadow for n in names):
+            return None
+        weight, bias = _scaled_query_rows(
+            ctx, m.embed_dim, getattr(m, names[0]), m.in_proj_bias, separate=not m._qkv_same_embed_dim
+        )
+        shadow[names[0]] = weight
+        if bias is not None:
+            shadow["in_proj_bias"] = bias
+
+        def undo() -> None:
+            for n in names:
+                shadow.pop(n, None)
+
+        return undo
+
     @staticmethod
     def _scaled_query_projection(b: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         """Copy of the arguments whose query projection (weight rows and bias) is multiplied by 1/tau."""
         b = dict(b)
-        e = int(b["embed_dim_to_check"])
-        scale: Tensor | None = None  # [3E] of the packed weight, reused for the bias when it matches
-        if b["use_separate_proj_weight"]:
-            w = b["q_proj_weight"]
-            b["q_proj_weight"] = w * ctx.inv_tau_on(w.device).to(w.dtype)
-        else:
-            w = b["in_proj_weight"]
-            scale = _q_scale(ctx, e, w)
-            b["in_proj_weight"] = w * scale.unsqueeze(-1)
-        bias = b["in_proj_bias"]
-        if bias is not None:
-            # the packed weight's scale serves the bias too when they agree in dtype, device and length
-            same = scale is not None and (scale.dtype, scale.device, scale.shape) == (
-                bias.dtype,
-                bias.device,
-                bias.shape,
-            )
-            b["in_proj_bias"] = bias * (scale if same else _q_scale(ctx, e, bias))
+        separate = bool(b["use_separate_proj_weight"])
+        name = "q_proj_weight" if separate else "in_proj_weight"
+        b[name], b["in_proj_bias"] = _scaled_query_rows(
+            ctx, int(b["embed_dim_to_check"]), b[name], b["in_proj_bias"], separate=separate
+        )
         return b
 
     def _sampled_logits(self, b: dict[str, Any], ctx: CallContext) -> tuple[Tensor, Tensor]:
@@ -404,6 +420,25 @@ def _token_rows(x: Tensor) -> tuple[Tensor, int, int]:
         return x.view(length * bsz, e), 1, bsz
     t = x.transpose(0, 1)
     return (t.view(bsz * length, e) if t.is_contiguous() else t.reshape(bsz * length, e)), length, 1
+
+
+def _scaled_query_rows(
+    ctx: CallContext, e: int, weight: Tensor, bias: Tensor | None, *, separate: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The query projection times 1/tau: the ``[E, E]`` query weight (``separate``) or the query rows of the
+    packed ``[3E, E]`` one, and the query part of the packed ``[3E]`` bias."""
+    scale: Tensor | None = None  # [3E] of the packed weight, reused for the bias when it matches
+    if separate:
+        weight = weight * ctx.inv_tau_on(weight.device).to(weight.dtype)
+    else:
+        scale = _q_scale(ctx, e, weight)
+        weight = weight * scale.unsqueeze(-1)
+    if bias is not None:
+        # the packed weight's scale serves the bias too when they agree in dtype, device and length
+        if scale is None or (scale.dtype, scale.device, scale.shape) != (bias.dtype, bias.device, bias.shape):
+            scale = _q_scale(ctx, e, bias)
+        bias = bias * scale
+    return weight, bias
 
 
 # Ones of the key and value rows, by (length, dtype, device): never written, so one tensor serves every call.

@@ -227,7 +227,7 @@ def _bracket_inputs(probs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     The work dtype is float64 for float64 input and float32 otherwise (half types convert exactly). ``raw``
     are the clamped input values, ``total64`` their sums in float64 (for the exact rows) and ``ok`` marks
-    finite rows of positive sum; other rows are zeroed.
+    finite rows of positive sum; the values of other rows are garbage, to be discarded.
     """
     work = torch.float64 if probs.dtype == torch.float64 else torch.float32
     x = probs.detach().reshape(-1, probs.shape[-1])
@@ -245,7 +245,8 @@ def _bracket_inputs(probs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     else:
         total64 = raw.sum(dim=-1, dtype=torch.float64)
     ok = finite & (total64 > 0)
-    raw.masked_fill_(~ok.unsqueeze(-1), 0.0)
+    # Rows that are not ok are left as they are: every op below works row by row and every index it forms
+    # stays in range whatever a row holds (NaN included), and their values are replaced by NaN at the end.
     # divided by the float64 sum rounded once to the work dtype: no second pass over the rows
     scale = total64.to(work).clamp_min_(torch.finfo(work).tiny).unsqueeze(-1)
     rows = torch.div(raw, scale, out=_scratch(6, n_rows, n_keys, work, x.device))
