@@ -279,7 +279,7 @@ def _check_shadow_against_interception(
 ) -> None:
     params = dict(m.named_parameters())
     # the twin takes the interception route (what every forward took before the shadow)
-    monkeypatch.setattr(twin_probe._contexts[0].adapter, "enter_temperature", lambda ctx: None)
+    monkeypatch.setattr(twin_probe._contexts[0].adapter, "enter_temperature", lambda module, ctx: None)
     modes = _KernelModeCounter(monkeypatch)
     out = m(*args, **kwargs)[0]
     assert modes.n == 0
@@ -303,6 +303,30 @@ def _check_shadow_against_interception(
     with pytest.raises(Exception):  # noqa: B017 (any error of the kernel: a wrong embedding size)
         m(args[0][..., :-1], args[1], args[2], **kwargs)
     assert not any(n in vars(m) for n in shadowed)
+
+
+def test_temperature_reaches_parameters_swapped_in_by_functional_call() -> None:
+    # torch.func.functional_call puts other tensors in the registered parameters' places for one call: the
+    # shadow must be made of those, not of the module's own parameters
+    tau = 2.0
+    torch.manual_seed(1)
+    m = nn.MultiheadAttention(16, 4, batch_first=True)
+    other = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    ref = copy.deepcopy(m)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(other[n])
+    ref = mha_scaled_copy(ref, tau)
+    probe = AttentionProbe(m)
+    probe.set_temperature(tau)
+    x = torch.randn(2, 5, 16)
+    try:
+        out = torch.func.functional_call(m, other, (x, x, x), {"need_weights": False})[0]
+    finally:
+        probe.set_temperature(1.0)
+    want = ref(x, x, x, need_weights=False)[0].detach()
+    torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert "in_proj_weight" not in vars(m)
 
 
 def test_mha_subclass_with_its_own_forward_keeps_the_interception(monkeypatch: pytest.MonkeyPatch) -> None:

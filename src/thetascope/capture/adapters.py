@@ -219,13 +219,14 @@ class AttentionAdapter:
                 return val
         return None
 
-    def enter_temperature(self, ctx: CallContext) -> Callable[[], None] | None:
-        """Apply the temperature to one unrecorded forward of the module without watching its calls, or not.
+    def enter_temperature(self, module: nn.Module, ctx: CallContext) -> Callable[[], None] | None:
+        """Apply the temperature to one unrecorded forward of ``module`` without watching its calls, or not.
 
-        The probe calls this before each forward that runs while tau != 1 outside ``capture()``. An adapter
-        that can put ``1/tau`` into what the module's forward reads returns the function that takes it out
-        again (the probe calls it after the forward, also when the forward raises). The default, ``None``,
-        makes the probe intercept the module's kernel call instead (:meth:`intercepts`, :meth:`handle`).
+        The probe calls this before each forward that runs while tau != 1 outside ``capture()``, with the
+        module that runs (this adapter's module, or a replica of it). An adapter that can put ``1/tau`` into
+        what that forward reads returns the function that takes it out again (the probe calls it after the
+        forward, also when the forward raises). The default, ``None``, makes the probe intercept the module's
+        kernel call instead (:meth:`intercepts`, :meth:`handle`).
         """
         return None
 

@@ -644,7 +644,8 @@ class AttentionProbe:
             if ctx.adapter.route != "interface":  # the interface route is reached through its own wrapper
                 # An unrecorded forward at tau != 1 needs only the temperature: adapters that can apply it to
                 # what the module reads spare the forward a mode (on CPU ~0.15 ms per torch MHA forward).
-                undo = ctx.adapter.enter_temperature(ctx) if not ctx.recording and self._temp_on else None
+                shadow = not ctx.recording and self._temp_on
+                undo = ctx.adapter.enter_temperature(module, ctx) if shadow else None
                 if undo is None:
                     mode = _KernelMode(ctx)
                     mode.__enter__()

@@ -253,21 +253,24 @@ class TorchMHAAdapter(AttentionAdapter):
             ctx.record_logits(logits, pos)
         return out
 
-    def enter_temperature(self, ctx: CallContext) -> Callable[[], None] | None:
+    def enter_temperature(self, module: nn.Module, ctx: CallContext) -> Callable[[], None] | None:
         """Shadow the module's query projection (weight rows, bias) by a copy times ``1/tau`` for one forward.
 
         ``nn.MultiheadAttention.forward`` reads its projections as attributes, and an instance attribute of
         the same name comes before the registered parameter (``nn.Module.__getattr__`` is only asked when
         the normal lookup fails). The kernel then gets exactly the arguments :meth:`handle` would give it,
         autograd reaches the live parameters through the product, and no mode has to watch the forward.
+        The shadow goes on the module that runs (a replica of ``nn.DataParallel`` has a dict of its own).
         Modules with a forward of their own (a subclass overriding it) keep the interception.
         """
-        m = self.mha
+        m = module
+        if not isinstance(m, nn.MultiheadAttention) or type(m).forward is not nn.MultiheadAttention.forward:
+            return None
         names: tuple[str, ...] = ("in_proj_weight",) if m._qkv_same_embed_dim else ("q_proj_weight",)
         if m.in_proj_bias is not None:
             names += ("in_proj_bias",)
         shadow = vars(m)
-        if type(m).forward is not nn.MultiheadAttention.forward or any(n in shadow for n in names):
+        if any(n in shadow for n in names):
             return None
         weight, bias = _scaled_query_rows(
             ctx, m.embed_dim, getattr(m, names[0]), m.in_proj_bias, separate=not m._qkv_same_embed_dim
