@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
-from tests.capture.conftest import NanoGPT
+from tests.capture.conftest import NanoGPT, mha_scaled_copy
 from thetascope.capture import AttentionProbe
 
 
@@ -74,3 +75,48 @@ def test_capture_inside_compiled_graph_warns_with_remedy(nanogpt: Callable[..., 
     with torch.no_grad(), probe.capture():
         probe.model(x)
     assert probe.layers[0].theta is not None
+
+
+def test_compiled_torch_mha_training_with_changing_tau() -> None:
+    # nn.TransformerEncoder: the temperature reaches the compiled forward through the shadow of the query
+    # projection (torch_mha's enter_temperature), compiled once, and trains as the eager twin does
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).train()
+    ref = copy.deepcopy(model)
+    first = mha_scaled_copy(model, 4.0)  # the first step's output, independently of the probe
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = AttentionProbe(compiled, rows_per_head=4)
+    ref_probe = AttentionProbe(ref)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    x = torch.randn(2, 6, 32)
+    counts = []
+    try:
+        for step, tau in enumerate([4.0, 3.0, 2.5, 2.0, 1.5]):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                probe.set_temperature(tau)
+            ref_probe.set_temperature(tau)
+            outs = []
+            for m, o in ((compiled, opt), (ref, ref_opt)):
+                out = m(x)
+                outs.append(out.detach())
+                o.zero_grad()
+                out.square().mean().backward()
+                o.step()
+            if step == 0:
+                torch.testing.assert_close(outs[0], first(x).detach(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+            counts.append(backend.n)
+    finally:
+        probe.set_temperature(1.0)
+        ref_probe.set_temperature(1.0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, dict(ref.named_parameters())[name], atol=1e-5, rtol=1e-5)
+    assert counts[0] >= 1
+    assert counts[-1] == counts[0], f"recompiled while tau changed: {counts}"

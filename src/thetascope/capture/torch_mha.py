@@ -174,9 +174,15 @@ class TorchMHAAdapter(AttentionAdapter):
         """Called by the probe when it installs its hooks: turn torch's MHA inference fast path off.
 
         Reference-counted across adapters and probes; the setting found by the first holder is restored when
-        the last one calls :meth:`on_uninstall`.
+        the last one calls :meth:`on_uninstall`. Also makes the ones of the key and value rows that the
+        temperature's scale needs, here rather than on the first forward: made inside a compiled forward, they
+        would change a dict that graph guards on, and cost a recompilation.
         """
         _hold_fastpath_off(self)
+        m = self.mha
+        for t in (m.in_proj_weight, m.in_proj_bias):
+            if t is not None and t.shape[0] == 3 * m.embed_dim:
+                _kv_ones(2 * m.embed_dim, t.dtype, t.device)
 
     def on_uninstall(self) -> None:
         """Called by the probe when it removes its hooks: give the fast path back (see :meth:`on_install`)."""
@@ -448,12 +454,16 @@ def _scaled_query_rows(
 _ONES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
-def _q_scale(ctx: CallContext, e: int, like: Tensor) -> Tensor:
-    """``[3E]``: ``1/tau`` on the query rows, 1 on the key and value rows (dtype/device of ``like``)."""
-    inv = ctx.inv_tau_on(like.device).to(like.dtype)
-    key = (like.shape[0] - e, like.dtype, like.device)
+def _kv_ones(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (n, dtype, device)
     ones = _ONES.get(key)
     if ones is None:
         with torch.inference_mode(False):  # usable in training after a first call under inference mode
-            ones = _ONES[key] = torch.ones(key[0], dtype=like.dtype, device=like.device)
-    return torch.cat([inv.expand(e), ones])
+            ones = _ONES[key] = torch.ones(n, dtype=dtype, device=device)
+    return ones
+
+
+def _q_scale(ctx: CallContext, e: int, like: Tensor) -> Tensor:
+    """``[3E]``: ``1/tau`` on the query rows, 1 on the key and value rows (dtype/device of ``like``)."""
+    inv = ctx.inv_tau_on(like.device).to(like.dtype)
+    return torch.cat([inv.expand(e), _kv_ones(like.shape[0] - e, like.dtype, like.device)])
